@@ -1,0 +1,144 @@
+"""Ring attention for CPU tensors: teaches torch's context-parallel dispatcher the CPU SDPA op.
+
+Why extend torch's dispatcher instead of writing our own ring:
+
+* torch 2.13's CP routes only the CUDA flash / efficient / cuDNN SDPA ops to its ring. On CPU,
+  ``F.scaled_dot_product_attention`` lowers to ``aten._scaled_dot_product_flash_attention_for_cpu``,
+  which has no CP handler and fails with "no sharding strategy".
+* That CPU op has exactly the contract torch's ring needs: the forward returns ``(out, logsumexp)``
+  with ``logsumexp`` in fp32 and shape ``[B, H, S]``, and its backward takes ``out`` and
+  ``logsumexp``. So torch's own ``_templated_ring_attention`` (the same merge, rotation and
+  head/tail load-balancing code that runs on GPU) computes the exact ring result on CPU too.
+* Registering one more entry in torch's table of CP op handlers means the CUDA path is untouched:
+  torch's flash / efficient / cuDNN ring stays in charge there, and both ``context_parallel()``
+  and torch's module-wrapper mode pick the CPU handler up, because torch copies that table into
+  DTensor's dispatcher each time CP is switched on and removes it when CP is switched off.
+
+The cost is a dependency on private torch names, checked once by :func:`install_cpu_ring`, which
+fails with a clear message on a torch whose CP internals moved.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+from torch.distributed.tensor._utils import compute_global_tensor_info
+
+_aten = torch.ops.aten
+CPU_SDPA_FORWARD = _aten._scaled_dot_product_flash_attention_for_cpu.default
+CPU_SDPA_BACKWARD = _aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+#: Sequence dimension of Q/K/V at the SDPA call: ``[batch, heads, seq, head_dim]``.
+SDPA_SEQ_DIM = 2
+_SEQ_PLACEMENT = (Shard(SDPA_SEQ_DIM),)
+_FORWARD_ARG_NAMES = ("query", "key", "value", "dropout_p", "is_causal")
+_BACKWARD_ARG_NAMES = ("grad_out", "query", "key", "value", "out", "logsumexp", "dropout_p", "is_causal")
+
+
+def _cp_attention_module() -> Any:
+    from torch.distributed.tensor.experimental._context_parallel import _attention
+
+    return _attention
+
+
+def _bind(arg_names: tuple[str, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    bound = dict(zip(arg_names, args, strict=False))
+    bound.update(kwargs)
+    return bound
+
+
+def _local_shard(name: str, tensor: Any) -> torch.Tensor:
+    if not isinstance(tensor, DTensor) or tuple(tensor.placements) != _SEQ_PLACEMENT:
+        raise ValueError(
+            f"Context-parallel SDPA expects `{name}` sharded on the sequence dimension (Shard(2)) over the"
+            f" context-parallel mesh; got {type(tensor).__name__}"
+            f"{'' if not isinstance(tensor, DTensor) else ' with placements ' + str(tensor.placements)}."
+        )
+    return tensor.to_local()
+
+
+def _as_seq_sharded(local: torch.Tensor, like: DTensor) -> DTensor:
+    mesh = like.device_mesh
+    shape, stride = compute_global_tensor_info(local, mesh, list(_SEQ_PLACEMENT))
+    spec = DTensorSpec(mesh, _SEQ_PLACEMENT, tensor_meta=TensorMeta(torch.Size(shape), tuple(stride), local.dtype))
+    return DTensor(local, spec, requires_grad=local.requires_grad)
+
+
+def _check_supported(bound: dict[str, Any]) -> None:
+    """Refuse what the ring cannot compute, on every rank alike and before any collective."""
+    if bound.get("attn_mask") is not None:
+        raise ValueError(
+            "Context-parallel attention cannot apply an explicit `attn_mask`: each rank holds only a shard of"
+            " the sequence. Use causal attention (`is_causal=True`); `attach_context_parallel_hooks(model)`"
+            " makes Hugging Face attention modules drop their masks and run causal."
+        )
+    if bound.get("dropout_p", 0.0):
+        raise ValueError("Context-parallel attention does not support attention dropout; set `dropout_p=0`.")
+    if not bound.get("is_causal", False) and _cp_attention_module()._cp_options.enable_load_balance:
+        raise ValueError(
+            "Context parallelism with load balancing needs causal attention (`is_causal=True`): the head/tail"
+            " layout only balances a causal mask. Turn load balancing off for non-causal attention."
+        )
+
+
+def _ring_forward(op_call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[DTensor, DTensor]:
+    bound = _bind(_FORWARD_ARG_NAMES, args, kwargs)
+    _check_supported(bound)
+    query = bound["query"]
+    out, logsumexp = _cp_attention_module()._templated_ring_attention(
+        query.device_mesh.get_group(),
+        SDPA_SEQ_DIM,
+        CPU_SDPA_FORWARD,
+        query=_local_shard("query", query),
+        key=_local_shard("key", bound["key"]),
+        value=_local_shard("value", bound["value"]),
+        is_causal=bound.get("is_causal", False),
+        dropout_p=0.0,
+        scale=bound.get("scale"),
+    )
+    return _as_seq_sharded(out, query), _as_seq_sharded(logsumexp, query)
+
+
+def _ring_backward(op_call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[DTensor, ...]:
+    bound = _bind(_BACKWARD_ARG_NAMES, args, kwargs)
+    _check_supported(bound)
+    query = bound["query"]
+    grads = _cp_attention_module()._templated_ring_attention_backward(
+        query.device_mesh.get_group(),
+        SDPA_SEQ_DIM,
+        CPU_SDPA_BACKWARD,
+        grad_out=_local_shard("grad_out", bound["grad_out"]),
+        grad_out_name="grad_out",
+        query=_local_shard("query", query),
+        key=_local_shard("key", bound["key"]),
+        value=_local_shard("value", bound["value"]),
+        out=_local_shard("out", bound["out"]),
+        logsumexp=_local_shard("logsumexp", bound["logsumexp"]),
+        is_causal=bound["is_causal"],
+        dropout_p=0.0,
+        scale=bound.get("scale"),
+    )
+    return tuple(_as_seq_sharded(grad, query) for grad in grads[:3])
+
+
+def install_cpu_ring() -> None:
+    """Register the CPU SDPA ring handlers with torch's context-parallel dispatcher (idempotent).
+
+    Called when :mod:`lightning_cp` is imported, so ``context_parallel()`` from torch works on CPU
+    tensors over a gloo group from then on. The handlers are only consulted while CP is switched on.
+    """
+    try:
+        attention = _cp_attention_module()
+        handler_table = attention.custom_ops
+        for name in ("_templated_ring_attention", "_templated_ring_attention_backward", "_cp_options"):
+            getattr(attention, name)
+    except (ImportError, AttributeError) as err:  # pragma: no cover - depends on the torch release
+        raise ImportError(
+            f"lightning_cp needs torch's context-parallel internals as of torch 2.13; torch {torch.__version__}"
+            f" does not have them ({err}). Install a torch version within lightning_cp's supported range."
+        ) from err
+    handler_table[CPU_SDPA_FORWARD] = _ring_forward
+    handler_table[CPU_SDPA_BACKWARD] = _ring_backward

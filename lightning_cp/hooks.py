@@ -1,0 +1,152 @@
+"""Model hooks that make attention modules correct under context parallelism.
+
+* :func:`attach_context_parallel_hooks`: while ring attention is switched on, every self-attention
+  module drops its explicit mask (built from the local shard, so meaningless) and runs causal.
+  Outside CP the hooks step aside, so the same model still works with masks for evaluation or
+  generation.
+* :func:`attach_cp_sdpa_hooks`: with ``torch.compile`` per layer, Dynamo would trace SDPA on plain
+  local tensors and each rank would attend only to its own shard. The hook makes SDPA a graph break
+  that re-wraps the local Q/K/V as sequence-sharded DTensors, so the ring runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+
+from lightning_cp.cpu_ring import SDPA_SEQ_DIM
+from lightning_cp.dispatch import active_context_parallel
+
+#: Hugging Face attention implementations whose attention goes through ``F.scaled_dot_product_attention``.
+_RING_ATTN_IMPLEMENTATIONS = ("sdpa",)
+_HOOKED_MARK = "_lightning_cp_hooked"
+#: The SDPA builtin itself: neither torch's CP wrapper nor ours.
+_builtin_sdpa = torch._C._nn.scaled_dot_product_attention
+
+
+def find_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Self-attention modules of ``model`` by qualified name.
+
+    A module counts when it is named ``self_attn`` (the Hugging Face decoder convention) or its class
+    name ends in ``Attention`` and it declares ``is_causal``; cross-attention (a name with ``cross``
+    or ``encoder_attn``) and modules nested in one already found are left out.
+    """
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if any(name.startswith(parent + ".") for parent in found):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if "cross" in leaf or leaf == "encoder_attn":
+            continue
+        if leaf == "self_attn" or (type(module).__name__.endswith("Attention") and hasattr(module, "is_causal")):
+            found[name] = module
+    return found
+
+
+def _check_attn_implementation(name: str, module: nn.Module) -> None:
+    implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    if implementation is not None and implementation not in _RING_ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"Attention module `{name}` uses attn_implementation={implementation!r}, which does not go through"
+            " `F.scaled_dot_product_attention`, so it would attend only to its own shard under context"
+            " parallelism. Build the model with `attn_implementation='sdpa'`."
+        )
+
+
+def _check_window(module: nn.Module, global_seq_len: int | None) -> None:
+    window = getattr(module, "sliding_window", None)
+    if isinstance(window, int) and global_seq_len is not None and window < global_seq_len:
+        raise ValueError(
+            f"`{type(module).__name__}` uses a sliding window of {window} tokens, shorter than the sequence"
+            f" ({global_seq_len}). Context-parallel attention is plain causal and would attend beyond the window."
+            " Use sequences no longer than the window, or a model without sliding-window attention."
+        )
+
+
+def _mask_arg_index(module: nn.Module) -> int | None:
+    parameters = list(inspect.signature(module.forward).parameters)
+    return parameters.index("attention_mask") if "attention_mask" in parameters else None
+
+
+def _causal_pre_hook(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    active = active_context_parallel()
+    if active is None:
+        return None
+    _check_window(module, active.global_seq_len)
+    causal = bool(getattr(module, "is_causal", True))
+    if not causal and active.load_balance:
+        raise ValueError(
+            f"`{type(module).__name__}` is not causal (is_causal=False); context parallelism with load balancing"
+            " only supports causal attention. Turn load balancing off for bidirectional attention."
+        )
+    index = getattr(module, "_lightning_cp_mask_index", None)
+    if index is not None and index < len(args):
+        args = (*args[:index], None, *args[index + 1 :])
+    if "attention_mask" in kwargs or index is None or index >= len(args):
+        kwargs["attention_mask"] = None
+    kwargs["is_causal"] = causal
+    return args, kwargs
+
+
+def attach_context_parallel_hooks(model: nn.Module) -> list[str]:
+    """Make every self-attention module of ``model`` run causal without a mask while CP is on.
+
+    Returns the names of the modules hooked (attaching twice is harmless: a module is hooked once).
+    Raises ``ValueError`` for a Hugging Face model whose attention implementation bypasses SDPA.
+    """
+    modules = find_attention_modules(model)
+    for name, module in modules.items():
+        _check_attn_implementation(name, module)
+        if getattr(module, _HOOKED_MARK, False):
+            continue
+        module._lightning_cp_mask_index = _mask_arg_index(module)
+        module.register_forward_pre_hook(_causal_pre_hook, with_kwargs=True)
+        setattr(module, _HOOKED_MARK, True)
+    return list(modules)
+
+
+def _ring_sdpa_for(cp_mesh: DeviceMesh) -> Any:
+    @torch._dynamo.disable
+    def ring_sdpa(
+        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        if active_context_parallel() is None or isinstance(query, DTensor):
+            return _builtin_sdpa(query, key, value, *args, **kwargs)
+        placement = [Shard(SDPA_SEQ_DIM)]
+        query, key, value = (DTensor.from_local(t, cp_mesh, placement, run_check=False) for t in (query, key, value))
+        return _builtin_sdpa(query, key, value, *args, **kwargs).to_local()
+
+    return ring_sdpa
+
+
+def attach_cp_sdpa_hooks(model: nn.Module, cp_mesh: DeviceMesh) -> None:
+    """Keep the ring running when decoder layers are compiled with ``torch.compile``.
+
+    For the duration of each self-attention forward, ``F.scaled_dot_product_attention`` is swapped for
+    a ``torch._dynamo.disable``-d function: Dynamo breaks the graph there, and the function re-wraps
+    the local Q/K/V as DTensors sharded on ``cp_mesh`` (``Shard(2)``) so the ring runs eagerly, while
+    the projections before and after stay compiled. Outside a CP context it is plain SDPA.
+    """
+    ring_sdpa = _ring_sdpa_for(cp_mesh)
+    saved: list[Any] = []
+
+    @torch._dynamo.disable
+    def install(module: nn.Module, args: tuple[Any, ...]) -> None:
+        saved.append(F.scaled_dot_product_attention)
+        F.scaled_dot_product_attention = ring_sdpa
+
+    @torch._dynamo.disable
+    def restore(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        F.scaled_dot_product_attention = saved.pop()
+
+    for module in find_attention_modules(model).values():
+        module.register_forward_pre_hook(install)
+        module.register_forward_hook(restore, always_call=True)

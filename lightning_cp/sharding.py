@@ -1,0 +1,82 @@
+"""Cutting a sequence into per-rank shards and putting it back together.
+
+Two layouts, matching what torch's ring expects:
+
+* load balanced (head/tail): the sequence is cut into ``2 * cp`` equal chunks and rank ``r`` keeps
+  chunks ``r`` and ``2 * cp - 1 - r``, so every rank gets the same amount of causal-attention work;
+* contiguous: rank ``r`` keeps chunk ``r`` of ``cp`` equal chunks.
+
+Sharding is out of place and differentiable, so tensors that require grad (``inputs_embeds`` from a
+vision tower, say) still pass gradients back to what produced them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+
+def shard_multiple(cp_size: int, load_balance: bool) -> int:
+    """The sequence length must be a multiple of this for ``cp_size`` ranks in the given layout."""
+    return 2 * cp_size if load_balance else cp_size
+
+
+def shard_positions(seq_len: int, cp_size: int, cp_rank: int, load_balance: bool) -> torch.Tensor:
+    """Global sequence positions held by ``cp_rank``, in the order its shard stores them."""
+    multiple = shard_multiple(cp_size, load_balance)
+    if seq_len % multiple:
+        raise ValueError(f"Sequence length {seq_len} is not a multiple of {multiple} (cp_size={cp_size}).")
+    if not load_balance:
+        chunk = seq_len // cp_size
+        return torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk)
+    chunk = seq_len // (2 * cp_size)
+    head = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk)
+    tail_chunk = 2 * cp_size - 1 - cp_rank
+    tail = torch.arange(tail_chunk * chunk, (tail_chunk + 1) * chunk)
+    return torch.cat([head, tail])
+
+
+def shard_sequence(tensor: torch.Tensor, seq_dim: int, cp_size: int, cp_rank: int, load_balance: bool) -> torch.Tensor:
+    """This rank's shard of ``tensor`` along ``seq_dim``: a new tensor, differentiable."""
+    index = shard_positions(tensor.size(seq_dim), cp_size, cp_rank, load_balance).to(tensor.device)
+    return tensor.index_select(seq_dim, index)
+
+
+def restore_order(gathered: torch.Tensor, seq_dim: int, cp_size: int, load_balance: bool) -> torch.Tensor:
+    """Turn rank-ordered concatenated shards back into sequence order (inverse of the shard layout)."""
+    if not load_balance:
+        return gathered
+    seq_len = gathered.size(seq_dim)
+    held = torch.cat([shard_positions(seq_len, cp_size, rank, load_balance) for rank in range(cp_size)])
+    return gathered.index_select(seq_dim, torch.argsort(held).to(gathered.device))
+
+
+class _AllGatherSequence(torch.autograd.Function):
+    """All-gather along a dimension; the backward sums the incoming gradients over the group."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, seq_dim: int, group: dist.ProcessGroup) -> torch.Tensor:  # type: ignore[override]
+        ctx.seq_dim, ctx.group, ctx.local_len = seq_dim, group, local.size(seq_dim)
+        parts = [
+            torch.empty_like(local, memory_format=torch.contiguous_format) for _ in range(dist.get_world_size(group))
+        ]
+        dist.all_gather(parts, local.contiguous(), group=group)
+        return torch.cat(parts, dim=seq_dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        rank = dist.get_rank(ctx.group)
+        return grad.narrow(ctx.seq_dim, rank * ctx.local_len, ctx.local_len), None, None
+
+
+def gather_sequence(local: torch.Tensor, cp_mesh: DeviceMesh, seq_dim: int, load_balance: bool) -> torch.Tensor:
+    """Collect every rank's shard of a sequence tensor and return the whole sequence, in order.
+
+    Differentiable: the gradient reaching a shard is the sum of the gradients that every rank's copy
+    of the full sequence received (the usual all-gather convention).
+    """
+    gathered = _AllGatherSequence.apply(local, seq_dim, cp_mesh.get_group())
+    return restore_order(gathered, seq_dim, cp_mesh.size(), load_balance)
