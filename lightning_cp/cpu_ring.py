@@ -67,21 +67,30 @@ def _as_seq_sharded(local: torch.Tensor, like: DTensor) -> DTensor:
     return DTensor(local, spec, requires_grad=local.requires_grad)
 
 
-def _check_supported(bound: dict[str, Any]) -> None:
+def check_ring_supported(attn_mask: Any, dropout_p: float, is_causal: bool, load_balance: bool) -> None:
     """Refuse what the ring cannot compute, on every rank alike and before any collective."""
-    if bound.get("attn_mask") is not None:
+    if attn_mask is not None:
         raise ValueError(
             "Context-parallel attention cannot apply an explicit `attn_mask`: each rank holds only a shard of"
             " the sequence. Use causal attention (`is_causal=True`); `attach_context_parallel_hooks(model)`"
             " makes Hugging Face attention modules drop their masks and run causal."
         )
-    if bound.get("dropout_p", 0.0):
+    if dropout_p:
         raise ValueError("Context-parallel attention does not support attention dropout; set `dropout_p=0`.")
-    if not bound.get("is_causal", False) and _cp_attention_module()._cp_options.enable_load_balance:
+    if not is_causal and load_balance:
         raise ValueError(
             "Context parallelism with load balancing needs causal attention (`is_causal=True`): the head/tail"
             " layout only balances a causal mask. Turn load balancing off for non-causal attention."
         )
+
+
+def _check_supported(bound: dict[str, Any]) -> None:
+    check_ring_supported(
+        bound.get("attn_mask"),
+        bound.get("dropout_p", 0.0),
+        bound.get("is_causal", False),
+        _cp_attention_module()._cp_options.enable_load_balance,
+    )
 
 
 def _ring_forward(op_call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[DTensor, DTensor]:

@@ -7,13 +7,17 @@ the body raises, so a later non-CP call in the same process is unaffected.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 
-from lightning_cp.cpu_ring import _cp_attention_module
+from lightning_cp.cpu_ring import _cp_attention_module, check_ring_supported
 
 ROTATE_METHODS: tuple[str, ...] = ("allgather", "alltoall")
 
@@ -43,6 +47,26 @@ def validate_rotate_method(rotate_method: str) -> str:
     return rotate_method
 
 
+def _guarded(sdpa: Callable[..., torch.Tensor], load_balance: bool) -> Callable[..., torch.Tensor]:
+    """``sdpa`` preceded by the ring's input checks, so a bad call fails clearly before any kernel runs."""
+
+    @functools.wraps(sdpa)
+    def guarded_sdpa(
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        check_ring_supported(attn_mask, dropout_p, is_causal, load_balance)
+        return sdpa(query, key, value, attn_mask, dropout_p, is_causal, *args, **kwargs)
+
+    return guarded_sdpa
+
+
 @contextmanager
 def ring_attention(
     cp_mesh: DeviceMesh,
@@ -65,14 +89,19 @@ def ring_attention(
     attention = _cp_attention_module()
     options = attention._cp_options
     saved = (options.enable_load_balance, options.rotate_method, attention._dispatch_mode)
+    torch_ring_sdpa: Callable[..., torch.Tensor] | None = None
     try:
         attention._dispatch_mode = attention._DispatchMode.MONKEY_PATCH
         options.enable_load_balance = load_balance
         attention.set_rotate_method(validate_rotate_method(rotate_method))
         attention._enable_context_parallel_dispatcher_impl(seq_dim=2, mesh=cp_mesh)
+        torch_ring_sdpa = F.scaled_dot_product_attention
+        F.scaled_dot_product_attention = _guarded(torch_ring_sdpa, load_balance)
         _active = ActiveContextParallel(cp_mesh, load_balance, global_seq_len)
         yield
     finally:
         _active = None
+        if torch_ring_sdpa is not None:
+            F.scaled_dot_product_attention = torch_ring_sdpa  # torch restores only its own wrapper
         attention._disable_context_parallel_dispatcher_impl()
         options.enable_load_balance, options.rotate_method, attention._dispatch_mode = saved

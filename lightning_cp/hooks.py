@@ -20,7 +20,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from lightning_cp.cpu_ring import SDPA_SEQ_DIM
+from lightning_cp.cpu_ring import SDPA_SEQ_DIM, check_ring_supported
 from lightning_cp.dispatch import active_context_parallel
 
 #: Hugging Face attention implementations whose attention goes through ``F.scaled_dot_product_attention``.
@@ -59,9 +59,26 @@ def _check_attn_implementation(name: str, module: nn.Module) -> None:
         )
 
 
+def sliding_window_of(module: nn.Module) -> int | None:
+    """The sliding-window size an attention module applies, or ``None`` for full causal attention.
+
+    Reads the module's own ``sliding_window`` (Qwen2-style, per layer) or else its config's
+    (Mistral-style, every layer; per layer when the config lists ``layer_types``).
+    """
+    if hasattr(module, "sliding_window"):
+        return module.sliding_window
+    config = getattr(module, "config", None)
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    layer_idx = getattr(module, "layer_idx", None)
+    if window is not None and layer_types is not None and layer_idx is not None:
+        return window if layer_types[layer_idx] == "sliding_attention" else None
+    return window
+
+
 def _check_window(module: nn.Module, global_seq_len: int | None) -> None:
-    window = getattr(module, "sliding_window", None)
-    if isinstance(window, int) and global_seq_len is not None and window < global_seq_len:
+    window = sliding_window_of(module)
+    if window is not None and global_seq_len is not None and window < global_seq_len:
         raise ValueError(
             f"`{type(module).__name__}` uses a sliding window of {window} tokens, shorter than the sequence"
             f" ({global_seq_len}). Context-parallel attention is plain causal and would attend beyond the window."
@@ -116,13 +133,22 @@ def attach_context_parallel_hooks(model: nn.Module) -> list[str]:
 def _ring_sdpa_for(cp_mesh: DeviceMesh) -> Any:
     @torch._dynamo.disable
     def ring_sdpa(
-        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        *args: Any,
+        **kwargs: Any,
     ) -> torch.Tensor:
-        if active_context_parallel() is None or isinstance(query, DTensor):
-            return _builtin_sdpa(query, key, value, *args, **kwargs)
+        active = active_context_parallel()
+        if active is None or isinstance(query, DTensor):
+            return _builtin_sdpa(query, key, value, attn_mask, dropout_p, is_causal, *args, **kwargs)
+        check_ring_supported(attn_mask, dropout_p, is_causal, active.load_balance)
         placement = [Shard(SDPA_SEQ_DIM)]
         query, key, value = (DTensor.from_local(t, cp_mesh, placement, run_check=False) for t in (query, key, value))
-        return _builtin_sdpa(query, key, value, *args, **kwargs).to_local()
+        return _builtin_sdpa(query, key, value, None, dropout_p, is_causal, *args, **kwargs).to_local()
 
     return ring_sdpa
 

@@ -1,0 +1,141 @@
+"""Error paths on real ranks: refused before any collective, same message everywhere, CP state restored."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from distributed_harness import run_on_ranks
+from models import lm_batch, tiny_causal_lm
+from torch.distributed.device_mesh import init_device_mesh
+from transformers import MistralConfig, MistralForCausalLM
+
+from lightning_cp import attach_context_parallel_hooks, make_cp_batch_and_ctx
+from lightning_cp.dispatch import active_context_parallel, ring_attention
+from lightning_cp.hooks import find_attention_modules
+
+
+def _error_of(call) -> str | None:
+    try:
+        call()
+    except (ValueError, RuntimeError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _run_model(mesh, model, batch, **kwargs):
+    train_ctx, local = make_cp_batch_and_ctx(mesh, batch, **kwargs)
+    local.pop("labels")
+    with train_ctx():
+        return model(**local).logits
+
+
+def _error_cases(rank: int, world_size: int) -> dict:
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))
+    batch = lm_batch(seq_len=128)
+    results = {}
+
+    bad = {**batch, "attention_mask": torch.ones(2, 128, dtype=torch.long)}
+    bad["attention_mask"][0, 0] = 0
+    results["left_padding"] = _error_of(lambda: make_cp_batch_and_ctx(mesh, bad))
+
+    model = tiny_causal_lm("llama")
+    attach_context_parallel_hooks(model)
+    for module in find_attention_modules(model).values():
+        module.is_causal = False
+    results["non_causal_load_balanced"] = _error_of(lambda: _run_model(mesh, model, batch))
+    results["restored_after_error"] = (
+        active_context_parallel() is None
+        and F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
+    )
+    reference = model(input_ids=batch["input_ids"]).logits  # bidirectional, no CP
+    from lightning_cp.sharding import gather_sequence
+
+    local_logits = _run_model(mesh, model, batch, load_balance=False)
+    results["non_causal_without_balance_error"] = (
+        (gather_sequence(local_logits, mesh, 1, load_balance=False) - reference).abs().max().item()
+    )
+
+    mistral = MistralForCausalLM(
+        MistralConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=64,
+            attn_implementation="sdpa",
+        )
+    )
+    attach_context_parallel_hooks(mistral)
+    results["sliding_window"] = _error_of(lambda: _run_model(mesh, mistral, batch))
+
+    q = torch.randn(1, 2, 32, 8)
+
+    def explicit_mask():
+        with ring_attention(mesh):
+            F.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(1, 1, 32, 32, dtype=torch.bool))
+
+    results["explicit_mask"] = _error_of(explicit_mask)
+
+    def nested():
+        with ring_attention(mesh), ring_attention(mesh):
+            pass
+
+    results["nested"] = _error_of(nested)
+    results["rotate_method"] = _error_of(lambda: make_cp_batch_and_ctx(mesh, batch, rotate_method="ring"))
+    return results
+
+
+@pytest.fixture(scope="module")
+def error_results():
+    return run_on_ranks(_error_cases)
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("left_padding", "left padding or holes"),
+        ("non_causal_load_balanced", "only supports causal attention"),
+        ("sliding_window", "sliding window of 64 tokens, shorter than the sequence \\(128\\)"),
+        ("explicit_mask", "cannot apply an explicit `attn_mask`"),
+        ("nested", "do not nest"),
+        ("rotate_method", "`rotate_method` must be one of"),
+    ],
+)
+def test_every_rank_gets_the_same_clear_error(error_results, case, message):
+    import re
+
+    messages = [result[case] for result in error_results]
+    assert messages[0] is not None and re.search(message, messages[0]), messages[0]
+    assert messages[0] == messages[1]
+
+
+def test_cp_state_is_restored_after_an_error_inside_the_context(error_results):
+    assert all(result["restored_after_error"] for result in error_results)
+
+
+def test_non_causal_attention_without_load_balancing_matches_full_attention(error_results):
+    assert all(result["non_causal_without_balance_error"] < 1e-5 for result in error_results)
+
+
+def _no_op_meshes(rank: int, world_size: int) -> dict:
+    batch = lm_batch(seq_len=16)
+    cp1 = init_device_mesh("cpu", (world_size, 1), mesh_dim_names=("data_parallel", "context_parallel"))
+    dp_only = init_device_mesh("cpu", (world_size,), mesh_dim_names=("data_parallel",))
+    return {
+        "cp_size_1": make_cp_batch_and_ctx(cp1, batch)[1] is batch,
+        "no_cp_dim": make_cp_batch_and_ctx(dp_only, batch)[1] is batch,
+    }
+
+
+def test_cp_of_size_one_or_no_cp_dimension_leaves_the_batch_alone():
+    for result in run_on_ranks(_no_op_meshes):
+        assert result == {"cp_size_1": True, "no_cp_dim": True}
+
+
+def test_attention_that_bypasses_sdpa_is_refused_at_attach_time():
+    model = tiny_causal_lm("llama", attn_implementation="eager")
+    with pytest.raises(ValueError, match="attn_implementation='eager'"):
+        attach_context_parallel_hooks(model)
