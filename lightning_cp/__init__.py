@@ -12,10 +12,12 @@ from lightning_cp.functional import (  # noqa: E402
 )
 from lightning_cp.hooks import attach_context_parallel_hooks, attach_cp_sdpa_hooks  # noqa: E402
 from lightning_cp.loss import count_label_tokens, reduce_loss, token_correct_loss, token_loss_sum  # noqa: E402
+from lightning_cp.strategy import ContextParallelStrategy  # noqa: E402
 from lightning_cp.target import gather_cp_seq, make_target_cp_ctx  # noqa: E402
 
 __all__ = [
     "ContextParallelBatchError",
+    "ContextParallelStrategy",
     "attach_context_parallel_hooks",
     "attach_cp_sdpa_hooks",
     "count_label_tokens",

@@ -1,0 +1,5 @@
+"""Lightning callbacks of lightning_cp."""
+
+from lightning_cp.callbacks.context_parallel import ContextParallelCallback
+
+__all__ = ["ContextParallelCallback"]

@@ -1,0 +1,122 @@
+"""The per-batch side of context parallelism in the Lightning ``Trainer``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+from lightning_cp.session import ContextParallelSession
+
+
+class ContextParallelCallback(Callback):
+    """Shards each batch across the context-parallel ranks and keeps ring attention on around it.
+
+    At the start of fit / validate / test / predict it hooks the model's attention modules (causal,
+    no explicit masks, under CP) and makes Hugging Face losses token-correct. For every training
+    batch it shards ``input_ids`` / ``inputs_embeds``, ``labels``, ``position_ids``, ``loss_mask`` and
+    ``padding_mask`` (labels shifted first), and switches ring attention on from
+    ``on_train_batch_start`` to ``on_train_batch_end``, so it spans forward *and* backward, with
+    automatic or manual optimization and gradient accumulation; an exception switches it off.
+    Validation, test and prediction batches run under CP the same way.
+
+    Args:
+        log_throughput: log ``tokens_per_sec`` (global sequence tokens per second) to the progress bar.
+    """
+
+    def __init__(self, log_throughput: bool = True) -> None:
+        self.log_throughput = log_throughput
+        self._announced = False
+        self._warned_loss = False
+        self._started_at = 0.0
+
+    @staticmethod
+    def _session(trainer: pl.Trainer) -> ContextParallelSession:
+        return trainer.strategy.session  # type: ignore[attr-defined]
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from lightning_cp.strategy import ContextParallelStrategy
+
+        if not isinstance(trainer.strategy, ContextParallelStrategy):
+            raise MisconfigurationException(
+                f"`ContextParallelCallback` needs `ContextParallelStrategy`, but the Trainer uses"
+                f" `{type(trainer.strategy).__name__}`: pass `strategy=ContextParallelStrategy(cp_size=...)`."
+            )
+
+    def _prepare_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._session(trainer).prepare_model(pl_module)
+
+    on_fit_start = on_validation_start = on_test_start = on_predict_start = _prepare_model  # type: ignore[assignment]
+
+    def _start_batch(self, trainer: pl.Trainer, batch: Any, *, require_labels: bool) -> None:
+        session = self._session(trainer)
+        step = session.shard(batch, require_labels=require_labels)
+        if not self._announced:
+            self._announced = True
+            rank_zero_info(
+                f"lightning_cp: {trainer.strategy.layout.describe()}; sequence {step.seq_len} tokens"  # type: ignore[attr-defined]
+                f" (padded to {step.padded_len}) -> {step.padded_len // session.cp_mesh.size()} per rank"
+                f"{', load balanced' if session.load_balance else ''}, ring rotation {session.rotate_method}"
+            )
+        session.open()
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._start_batch(trainer, batch, require_labels=True)
+        self._started_at = time.perf_counter()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = self._session(trainer).finish()
+        if step is None:
+            return
+        if not step.used_model_loss and not self._warned_loss:
+            self._warned_loss = True
+            rank_zero_warn(
+                "lightning_cp: this training step's loss came neither from a Hugging Face model's `loss_function`"
+                " nor from `trainer.strategy.token_correct_loss(logits, batch['labels'])`. A per-shard mean is not"
+                " the loss of the whole sequence, and its gradient is off by the number of data × context ranks."
+            )
+        if self.log_throughput:
+            elapsed = max(time.perf_counter() - self._started_at, 1e-9)
+            tokens = step.seq_len * step.batch_size * trainer.strategy.layout.data_parallel  # type: ignore[attr-defined]
+            pl_module.log("tokens_per_sec", tokens / elapsed, prog_bar=True, on_step=True, batch_size=step.batch_size)
+
+    def _end_batch(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._session(trainer).finish()
+
+    @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._start_batch(trainer, batch, require_labels=False)
+
+    @override
+    def on_test_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._start_batch(trainer, batch, require_labels=False)
+
+    @override
+    def on_predict_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._start_batch(trainer, batch, require_labels=False)
+
+    on_validation_batch_end = on_test_batch_end = on_predict_batch_end = _end_batch  # type: ignore[assignment]
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        session = getattr(trainer.strategy, "_session", None)
+        if session is not None:
+            session.finish()

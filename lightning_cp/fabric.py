@@ -1,0 +1,167 @@
+"""Context parallelism for ``lightning.Fabric``: a ``ModelParallelStrategy`` with a "cp" mesh dimension.
+
+A training loop with it::
+
+    strategy = ContextParallelStrategy(cp_size=2)
+    fabric = L.Fabric(accelerator="cpu", devices=2, strategy=strategy)
+    fabric.launch()
+    model, optimizer = fabric.setup(model, optimizer)
+    for batch in fabric.setup_dataloaders(loader):
+        with strategy.context_parallel(batch):      # shards the batch in place, ring attention on
+            loss = model(**batch).loss              # Hugging Face: token-correct already
+            fabric.backward(loss)
+        optimizer.step()                            # gradients averaged over data × context first
+        optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, MutableMapping
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies import STRATEGY_REGISTRY
+from lightning.fabric.strategies import ModelParallelStrategy as FabricModelParallelStrategy
+from lightning.fabric.utilities.rank_zero import rank_zero_info
+from lightning.fabric.utilities.types import Optimizable
+from torch import nn
+from torch.distributed.tensor import DTensor
+from typing_extensions import override
+
+from lightning_cp.dispatch import validate_rotate_method
+from lightning_cp.gradients import average_replicated_gradients, check_sharded_parameters
+from lightning_cp.layout import ParallelLayout, Size, build_device_mesh, resolve_layout, validate_size
+from lightning_cp.session import ContextParallelSession
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+
+def _replicate(module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+    return module
+
+
+class ContextParallelStrategy(FabricModelParallelStrategy):
+    """Fabric's model-parallel strategy with a context-parallel dimension; see the module docstring.
+
+    Arguments:
+        parallelize_fn: applies FSDP2 / TP to the module given the device mesh (use
+            ``device_mesh["data_context_parallel"]`` for ``fully_shard``). Default: leave it replicated;
+            its gradients are then averaged over the data × context ranks in ``optimizer.step()``.
+        cp_size, data_parallel_size, tensor_parallel_size, rotate_method, load_balance, shift_labels,
+        padding_token_id, check_batch_every_n_steps: as in
+        :class:`lightning_cp.strategy.ContextParallelStrategy`.
+        save_distributed_checkpoint, process_group_backend, timeout: as in Fabric's ``ModelParallelStrategy``.
+    """
+
+    def __init__(
+        self,
+        parallelize_fn: Callable[[nn.Module, DeviceMesh], nn.Module] | None = None,
+        cp_size: Size = "auto",
+        data_parallel_size: Size = "auto",
+        tensor_parallel_size: Size = 1,
+        rotate_method: str = "allgather",
+        load_balance: bool = True,
+        shift_labels: bool = True,
+        padding_token_id: int = 0,
+        check_batch_every_n_steps: int = 100,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            parallelize_fn=parallelize_fn or _replicate,
+            data_parallel_size=data_parallel_size,
+            tensor_parallel_size=tensor_parallel_size,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+        validate_size("cp_size", cp_size)
+        validate_size("data_parallel_size", data_parallel_size)
+        validate_size("tensor_parallel_size", tensor_parallel_size)
+        self._cp_size = cp_size
+        self._session_options: dict[str, Any] = dict(
+            load_balance=load_balance,
+            rotate_method=validate_rotate_method(rotate_method),
+            shift_labels=shift_labels,
+            padding_token_id=padding_token_id,
+            check_batch_every_n_steps=check_batch_every_n_steps,
+        )
+        self._layout: ParallelLayout | None = None
+        self._session: ContextParallelSession | None = None
+        self._modules: list[nn.Module] = []
+
+    @property
+    def session(self) -> ContextParallelSession:
+        """Per-process CP state: sharding, ring attention, token-correct losses."""
+        if self._session is None:
+            raise RuntimeError("The context-parallel session exists only after `fabric.launch()`.")
+        return self._session
+
+    @property
+    def layout(self) -> ParallelLayout:
+        """The resolved data × context × tensor parallel sizes."""
+        if self._layout is None:
+            raise RuntimeError("The parallel layout is known only after `fabric.launch()`.")
+        return self._layout
+
+    @property
+    def cp_mesh(self) -> DeviceMesh:
+        """The context-parallel submesh: the ranks sharing one sequence."""
+        return self.session.cp_mesh
+
+    @property
+    def data_context_mesh(self) -> DeviceMesh:
+        """The flattened data × context submesh: shard parameters with FSDP2 over it."""
+        return self.session.data_context_mesh
+
+    @override
+    def setup_environment(self) -> None:
+        super(FabricModelParallelStrategy, self).setup_environment()
+        self._setup_distributed()
+        self._layout = resolve_layout(
+            self.world_size, self._cp_size, self._data_parallel_size, self._tensor_parallel_size
+        )
+        self._device_mesh, data_context_mesh = build_device_mesh(self._layout, self.root_device)
+        self._session = ContextParallelSession(self._device_mesh, data_context_mesh, **self._session_options)
+        rank_zero_info(f"lightning_cp: {self._layout.describe()} on {self.world_size} processes")
+
+    @override
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        module = super().setup_module(module)
+        check_sharded_parameters(module, self.layout.context_parallel)
+        if not any(isinstance(param, DTensor) for param in module.parameters()):
+            module.to(self.root_device)
+        self.session.prepare_model(module)
+        self._modules.append(module)
+        return module
+
+    @override
+    def optimizer_step(self, optimizer: Optimizable, **kwargs: Any) -> Any:
+        for module in self._modules:
+            average_replicated_gradients(module, self.data_context_mesh)
+        return super().optimizer_step(optimizer, **kwargs)
+
+    @contextmanager
+    def context_parallel(
+        self, batch: MutableMapping[str, Any], *, require_labels: bool = True
+    ) -> Iterator[MutableMapping[str, Any]]:
+        """Shard ``batch`` in place for this rank and keep ring attention on: run forward and backward inside."""
+        with self.session.step(batch, require_labels=require_labels) as local:
+            yield local
+
+    def token_correct_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy for a custom loop: the whole batch's value, the right gradient (inside the context)."""
+        return self.session.token_correct_loss(logits, labels)
+
+
+STRATEGY_REGISTRY.register(
+    "context_parallel",
+    ContextParallelStrategy,
+    description="Context parallelism (ring attention over a sharded sequence) from lightning_cp",
+    override=True,
+)

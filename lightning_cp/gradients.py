@@ -1,0 +1,50 @@
+"""Gradient reduction over the data × context ranks, in every parameter layout.
+
+All ranks of a CP group hold the same weights but see different shards of the sequence, so their
+gradients are partial and must be combined, like data-parallel ones. FSDP2 applied over the flattened
+data × context mesh does this itself (averaging); plain, replicated parameters are averaged here with
+one all-reduce right before the optimizer step. The loss side multiplies each rank's gradient share by
+the number of data × context ranks, so the average is exactly the gradient without CP.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+
+from lightning_cp.layout import CONTEXT_PARALLEL, DATA_CONTEXT_PARALLEL
+
+
+def check_sharded_parameters(module: nn.Module, cp_size: int) -> None:
+    """Refuse DTensor parameters whose mesh leaves the CP ranks out of the gradient reduction."""
+    if cp_size == 1:
+        return
+    for name, param in module.named_parameters():
+        if isinstance(param, DTensor):
+            dims = param.device_mesh.mesh_dim_names or ()
+            if DATA_CONTEXT_PARALLEL not in dims and CONTEXT_PARALLEL not in dims:
+                raise ValueError(
+                    f"Parameter `{name}` is distributed over mesh dimensions {dims}, which do not include the"
+                    " context-parallel ranks, so its gradient would miss the other sequence shards. Apply"
+                    f" `fully_shard(..., mesh=device_mesh['{DATA_CONTEXT_PARALLEL}'])` (or leave it replicated)."
+                )
+
+
+@torch.no_grad()
+def average_replicated_gradients(module: nn.Module, data_context_mesh: DeviceMesh) -> None:
+    """Average the gradients of plain (non-DTensor) parameters over the data × context ranks, in place."""
+    if data_context_mesh.size() == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for param in module.parameters():
+        if param.grad is not None and not isinstance(param.grad, DTensor):
+            by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
+    for grads in by_dtype.values():
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=data_context_mesh.get_group())
+        flat /= data_context_mesh.size()
+        for grad, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+            grad.copy_(reduced)

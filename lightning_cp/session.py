@@ -1,0 +1,263 @@
+"""What a CP training process does around each micro-batch; shared by the Trainer and Fabric strategies.
+
+Per micro-batch: check (now and then) that the CP group holds one batch, shift labels while the
+sequence is still whole, shard the batch, count the valid labels over the data × context ranks, and
+keep ring attention switched on across forward and backward. Hugging Face models' losses are made
+token-correct here, so a ``training_step`` that returns ``model(**batch).loss`` needs no change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, MutableMapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from lightning_cp.batch import IGNORE_INDEX, shard_cp_batch
+from lightning_cp.consistency import check_same_batch
+from lightning_cp.dispatch import ring_attention
+from lightning_cp.functional import get_train_context
+from lightning_cp.hooks import attach_context_parallel_hooks
+from lightning_cp.layout import CONTEXT_PARALLEL
+from lightning_cp.loss import count_label_tokens, token_loss_sum
+from lightning_cp.sharding import gather_sequence
+
+
+@dataclass
+class ShardedStep:
+    """What is known about the micro-batch being processed under CP."""
+
+    seq_len: int
+    padded_len: int
+    batch_size: int
+    #: Valid (non-ignored) labels of this micro-batch over all data × context ranks, or ``None``.
+    label_count: torch.Tensor | None
+    used_model_loss: bool = False
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Next-token labels aligned with their positions (``out[:, i] = labels[:, i + 1]``, last ignored)."""
+    return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], ignore_index)], dim=1)
+
+
+class ContextParallelSession:
+    """Shards batches, runs ring attention and makes losses token-correct for one process.
+
+    Args:
+        device_mesh: the mesh with a ``"context_parallel"`` dimension.
+        data_context_mesh: the flattened data × context mesh: losses and gradients are combined over it.
+        load_balance: head/tail sharding, which evens out causal-attention work across CP ranks.
+        rotate_method: how key/value shards travel round the ring, ``"allgather"`` or ``"alltoall"``.
+        shift_labels: ``True`` when batches carry Hugging Face style labels (the model shifts them);
+            they are shifted before sharding. ``False`` when labels are already aligned with positions.
+        padding_token_id: id padded into ``input_ids`` to reach a multiple of ``2 * cp``.
+        check_batch_every_n_steps: compare the CP group's batches on the first step and every n-th
+            step after; 0 turns the check off.
+    """
+
+    def __init__(
+        self,
+        device_mesh: DeviceMesh,
+        data_context_mesh: DeviceMesh,
+        *,
+        load_balance: bool = True,
+        rotate_method: str = "allgather",
+        shift_labels: bool = True,
+        padding_token_id: int = 0,
+        check_batch_every_n_steps: int = 100,
+    ) -> None:
+        self.device_mesh = device_mesh
+        self.cp_mesh = device_mesh[CONTEXT_PARALLEL]
+        self.data_context_mesh = data_context_mesh
+        self.load_balance = load_balance
+        self.rotate_method = rotate_method
+        self.shift_labels = shift_labels
+        self.padding_token_id = padding_token_id
+        self.check_batch_every_n_steps = check_batch_every_n_steps
+        self.current: ShardedStep | None = None
+        self._prepared: set[int] = set()
+        self._context: ExitStack | None = None
+        self._batches_seen = 0
+
+    # ----------------------------------------------------------------------------------- model
+    def prepare_model(self, module: nn.Module) -> list[str]:
+        """Attach the attention hooks and wrap Hugging Face losses (once per module); return hooked names."""
+        names = attach_context_parallel_hooks(module)
+        if not names:
+            raise ValueError(
+                f"Found no self-attention modules in `{type(module).__name__}` (modules named `self_attn`, or"
+                " `*Attention` classes with an `is_causal` attribute). Context parallelism needs attention that"
+                " runs through `F.scaled_dot_product_attention`; build Hugging Face models with"
+                " `attn_implementation='sdpa'`."
+            )
+        if id(module) not in self._prepared:
+            for submodule in module.modules():
+                if _is_hf_model(submodule):
+                    submodule.loss_function = self._token_correct_hf_loss(submodule.loss_function)
+            self._prepared.add(id(module))
+        return names
+
+    def _token_correct_hf_loss(self, loss_function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def context_parallel_loss(
+            logits: torch.Tensor,
+            labels: torch.Tensor,
+            vocab_size: int,
+            num_items_in_batch: torch.Tensor | None = None,
+            ignore_index: int = IGNORE_INDEX,
+            shift_labels: torch.Tensor | None = None,
+            **kwargs: Any,
+        ) -> torch.Tensor:
+            step = self.current
+            if step is None or step.label_count is None:
+                return loss_function(
+                    logits=logits,
+                    labels=labels,
+                    vocab_size=vocab_size,
+                    num_items_in_batch=num_items_in_batch,
+                    ignore_index=ignore_index,
+                    shift_labels=shift_labels,
+                    **kwargs,
+                )
+            step.used_model_loss = True
+            # Under CP the labels are aligned with positions already: the model must not shift them again.
+            share = loss_function(
+                logits=logits,
+                labels=labels,
+                vocab_size=vocab_size,
+                num_items_in_batch=step.label_count,
+                ignore_index=ignore_index,
+                shift_labels=labels if shift_labels is None else shift_labels,
+                **kwargs,
+            )
+            return self.globalize_loss(share)
+
+        return context_parallel_loss
+
+    def globalize_loss(self, share: torch.Tensor) -> torch.Tensor:
+        """Turn this rank's loss share (local sum / global count) into the loss trainers expect.
+
+        The value is the loss of the whole global batch (the same on every rank, so logging it is
+        right); the gradient is the share's, scaled by the number of data × context ranks because
+        gradient reduction averages over them.
+        """
+        total = share.detach().clone()
+        dist.all_reduce(total, group=self.data_context_mesh.get_group())
+        ranks = self.data_context_mesh.size()
+        return total + ranks * (share - share.detach())
+
+    def token_correct_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of position-aligned ``labels`` under CP, as :meth:`globalize_loss` describes."""
+        count = self.current.label_count if self.current is not None else None
+        if count is None:
+            count = count_label_tokens(labels, self.data_context_mesh)
+        if self.current is not None:
+            self.current.used_model_loss = True
+        return self.globalize_loss(token_loss_sum(logits, labels) / count.clamp(min=1))
+
+    # ----------------------------------------------------------------------------------- batches
+    def shard(self, batch: MutableMapping[str, Any], *, require_labels: bool) -> ShardedStep:
+        """Replace the contents of ``batch`` with this rank's shard, in place; return what was done."""
+        if not isinstance(batch, MutableMapping):
+            raise TypeError(
+                "Context parallelism needs each batch to be a dict (e.g. with `input_ids` and `labels`), got"
+                f" {type(batch).__name__}. Return dicts from the dataset or collate function."
+            )
+        if self.check_batch_every_n_steps and self._batches_seen % self.check_batch_every_n_steps == 0:
+            check_same_batch(batch, self.cp_mesh, _device_of(batch))
+        self._batches_seen += 1
+        source = dict(batch)
+        labels = source.get("labels")
+        if self.shift_labels and isinstance(labels, torch.Tensor) and "shift_labels" not in source:
+            source["labels"] = shift_labels(labels)
+        local, padded_len = shard_cp_batch(
+            source,
+            self.cp_mesh.size(),
+            self.cp_mesh.get_local_rank(),
+            load_balance=self.load_balance,
+            padding_token_id=self.padding_token_id,
+            require_labels=require_labels,
+        )
+        label_key = "shift_labels" if isinstance(local.get("shift_labels"), torch.Tensor) else "labels"
+        label_count = None
+        if isinstance(local.get(label_key), torch.Tensor):
+            label_count = count_label_tokens(local[label_key], self.data_context_mesh)
+            if label_key == "labels" and self.shift_labels:
+                local["shift_labels"] = local["labels"]
+        primary = source["input_ids"] if isinstance(source.get("input_ids"), torch.Tensor) else source["inputs_embeds"]
+        batch.clear()
+        batch.update(local)
+        self.current = ShardedStep(primary.size(1), padded_len, primary.size(0), label_count)
+        return self.current
+
+    def open(self) -> None:
+        """Switch ring attention on (restricted to the SDPA kernels the ring supports) until :meth:`close`."""
+        self.close()
+        assert self.current is not None, "shard a batch before opening the CP context"
+        stack = ExitStack()
+        ring = ring_attention(
+            self.cp_mesh,
+            load_balance=self.load_balance,
+            rotate_method=self.rotate_method,
+            global_seq_len=self.current.padded_len,
+        )
+        stack.enter_context(get_train_context(False, False, ring)())
+        self._context = stack
+
+    def close(self) -> None:
+        """Switch ring attention off and forget the current micro-batch; safe to call twice."""
+        if self._context is not None:
+            context, self._context = self._context, None
+            context.close()
+
+    def finish(self) -> ShardedStep | None:
+        """Close the context and return the finished micro-batch's record."""
+        self.close()
+        step, self.current = self.current, None
+        return step
+
+    @contextmanager
+    def step(
+        self, batch: MutableMapping[str, Any], *, require_labels: bool = True
+    ) -> Iterator[MutableMapping[str, Any]]:
+        """Shard ``batch`` (in place) and keep ring attention on for the body: forward *and* backward."""
+        self.shard(batch, require_labels=require_labels)
+        self.open()
+        try:
+            yield batch
+        finally:
+            self.finish()
+
+    def gather_outputs(self, output: Any) -> Any:
+        """Gather sequence-sharded outputs (a tensor, or ``logits`` of a dict/model output) to full length."""
+        step = self.current
+        if step is None:
+            return output
+        if isinstance(output, torch.Tensor):
+            return self._gather(output, step)
+        if isinstance(output, MutableMapping) and isinstance(output.get("logits"), torch.Tensor):
+            output["logits"] = self._gather(output["logits"], step)
+        return output
+
+    def _gather(self, tensor: torch.Tensor, step: ShardedStep) -> torch.Tensor:
+        if tensor.ndim < 2 or tensor.size(1) * self.cp_mesh.size() != step.padded_len:
+            return tensor
+        full = gather_sequence(tensor, self.cp_mesh, 1, self.load_balance)
+        return full.narrow(1, 0, step.seq_len)
+
+
+def _is_hf_model(module: nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(module, PreTrainedModel) and hasattr(module, "loss_function")
+
+
+def _device_of(batch: MutableMapping[str, Any]) -> torch.device:
+    for value in batch.values():
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return torch.device("cpu")

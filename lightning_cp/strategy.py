@@ -1,0 +1,191 @@
+"""Context parallelism for the Lightning ``Trainer``: a ``ModelParallelStrategy`` with a "cp" mesh dimension."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.init import _materialize_distributed_module
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_cp.dispatch import validate_rotate_method
+from lightning_cp.gradients import average_replicated_gradients, check_sharded_parameters
+from lightning_cp.layout import ParallelLayout, Size, build_device_mesh, resolve_layout, validate_size
+from lightning_cp.session import ContextParallelSession
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+
+class ContextParallelStrategy(ModelParallelStrategy):
+    """Shards the sequence of every batch across a context-parallel group; attention runs as a ring.
+
+    The device mesh has the dimensions ``("data_parallel", "context_parallel", "tensor_parallel")`` and a
+    flattened ``"data_context_parallel"`` dimension: apply FSDP2 over the latter in ``configure_model``
+    (or leave the model replicated; its gradients are then averaged over data × context ranks before
+    each optimizer step). The DataLoader sampler is keyed on the data-parallel rank only, so all ranks
+    of a CP group see the same batch. Use it together with
+    :class:`~lightning_cp.callbacks.ContextParallelCallback`.
+
+    Arguments:
+        cp_size: ranks that share one sequence. ``"auto"``: all ranks left by data and tensor parallelism.
+        data_parallel_size: data-parallel replicas. ``"auto"``: world size / (cp_size × tensor_parallel_size).
+        tensor_parallel_size: ranks of a tensor-parallel group (apply TP yourself in ``configure_model``).
+        rotate_method: how key/value shards travel round the ring, ``"allgather"`` or ``"alltoall"``.
+        load_balance: head/tail sharding so every CP rank does the same causal-attention work.
+        shift_labels: ``True`` for Hugging Face style labels, which the model shifts itself; they are
+            shifted before sharding. ``False`` when the labels are already aligned with positions.
+        padding_token_id: id used to pad ``input_ids`` to a multiple of ``2 × cp_size``.
+        check_batch_every_n_steps: compare the CP group's batches on the first and every n-th batch
+            (0: never).
+        gather_predictions: gather predicted logits back to the full sequence in ``predict``.
+        save_distributed_checkpoint, process_group_backend, timeout: as in ``ModelParallelStrategy``.
+    """
+
+    def __init__(
+        self,
+        cp_size: Size = "auto",
+        data_parallel_size: Size = "auto",
+        tensor_parallel_size: Size = 1,
+        rotate_method: str = "allgather",
+        load_balance: bool = True,
+        shift_labels: bool = True,
+        padding_token_id: int = 0,
+        check_batch_every_n_steps: int = 100,
+        gather_predictions: bool = True,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            data_parallel_size=data_parallel_size,
+            tensor_parallel_size=tensor_parallel_size,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+        validate_size("cp_size", cp_size)
+        validate_size("data_parallel_size", data_parallel_size)
+        validate_size("tensor_parallel_size", tensor_parallel_size)
+        self._cp_size = cp_size
+        self._session_options: dict[str, Any] = dict(
+            load_balance=load_balance,
+            rotate_method=validate_rotate_method(rotate_method),
+            shift_labels=shift_labels,
+            padding_token_id=padding_token_id,
+            check_batch_every_n_steps=check_batch_every_n_steps,
+        )
+        self._gather_predictions = gather_predictions
+        self._layout: ParallelLayout | None = None
+        self._data_context_mesh: DeviceMesh | None = None
+        self._session: ContextParallelSession | None = None
+
+    @property
+    def session(self) -> ContextParallelSession:
+        """Per-process CP state: sharding, ring attention, token-correct losses."""
+        if self._session is None:
+            raise RuntimeError("The context-parallel session exists only after the processes have initialized.")
+        return self._session
+
+    @property
+    def layout(self) -> ParallelLayout:
+        """The resolved data × context × tensor parallel sizes."""
+        if self._layout is None:
+            raise RuntimeError("The parallel layout is known only after the processes have initialized.")
+        return self._layout
+
+    @property
+    def cp_mesh(self) -> DeviceMesh:
+        """The context-parallel submesh: the ranks sharing one sequence."""
+        return self.session.cp_mesh
+
+    @property
+    def data_context_mesh(self) -> DeviceMesh:
+        """The flattened data × context submesh: shard parameters with FSDP2 over it."""
+        return self.session.data_context_mesh
+
+    @override
+    def setup_environment(self) -> None:
+        self._setup_distributed()
+        self._layout = resolve_layout(
+            self.world_size, self._cp_size, self._data_parallel_size, self._tensor_parallel_size
+        )
+        self._device_mesh, self._data_context_mesh = build_device_mesh(self._layout, self.root_device)
+        assert self.lightning_module is not None
+        self.lightning_module._device_mesh = self._device_mesh
+        self._session = ContextParallelSession(self._device_mesh, self._data_context_mesh, **self._session_options)
+        rank_zero_info(f"lightning_cp: {self._layout.describe()} on {self.world_size} processes")
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        # As ModelParallelStrategy.setup, except that `configure_model` is optional: a model left
+        # unsharded is replicated, and its gradients are averaged in `optimizer_step`.
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        from lightning_cp.callbacks import ContextParallelCallback
+
+        if not any(isinstance(callback, ContextParallelCallback) for callback in trainer.callbacks):
+            raise MisconfigurationException(
+                f"`{type(self).__name__}` shards batches through `ContextParallelCallback`: add"
+                " `callbacks=[ContextParallelCallback()]` to the Trainer."
+            )
+        assert self.model is not None
+        assert self.accelerator is not None
+        self.accelerator.setup(trainer)
+        if any(isinstance(module, FullyShardedDataParallel) for module in self.model.modules()):
+            raise TypeError(f"`{type(self).__name__}` supports FSDP2 (`fully_shard`), not FSDP1 wrappers.")
+        _materialize_distributed_module(self.model, self.root_device)
+        self.model = self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        check_sharded_parameters(self.model, self.layout.context_parallel)
+        self.barrier()
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    @override
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: pl.LightningModule | torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        def closure_then_average_gradients() -> Any:
+            result = closure()
+            average_replicated_gradients(self.model, self.data_context_mesh)
+            return result
+
+        return super().optimizer_step(optimizer, closure_then_average_gradients, model, **kwargs)
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        output = super().predict_step(*args, **kwargs)
+        return self.session.gather_outputs(output) if self._gather_predictions else output
+
+    def token_correct_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy for a custom ``training_step``: the whole batch's value, the right gradient.
+
+        ``labels`` are the position-aligned labels of the sharded batch (``batch["labels"]``).
+        """
+        return self.session.token_correct_loss(logits, labels)
+
+
+StrategyRegistry.register(
+    "context_parallel",
+    ContextParallelStrategy,
+    description="Context parallelism (ring attention over a sharded sequence) from lightning_cp",
+    override=True,
+)

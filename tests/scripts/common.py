@@ -1,0 +1,85 @@
+"""Model, data and launch helpers shared by the Trainer and Fabric scripts and their tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import DistributedSampler
+
+TESTS_DIR = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(TESTS_DIR))
+
+from models import tiny_causal_lm  # noqa: E402
+
+SEQ_LEN = 130  # not a multiple of 2 * cp: the padding path runs too
+BATCH_SIZE = 2
+
+
+def hf_style_samples(count: int, seq_len: int = SEQ_LEN, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Token sequences with Hugging Face labels (the model shifts them), -100 on an uneven share.
+
+    Every third sample ignores the first 60% of its labels, so the CP shards of a batch hold very
+    different numbers of valid labels; other samples ignore a few scattered positions.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for index in range(count):
+        input_ids = torch.randint(1, 256, (seq_len,), generator=generator)
+        labels = input_ids.clone()
+        if index % 3 == 0:
+            labels[: int(0.6 * seq_len)] = -100
+        else:
+            labels[torch.randint(0, seq_len, (seq_len // 10,), generator=generator)] = -100
+        samples.append({"input_ids": input_ids, "labels": labels})
+    return samples
+
+
+def run_script(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run one of the scripts beside this file with a free master port; raise with its output on failure."""
+    from distributed_harness import free_port
+
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
+    env.pop("LOCAL_RANK", None)
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name(script)), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=TESTS_DIR.parent,
+    )
+    return result
+
+
+def reference_sgd_run(steps: int, accumulate: int, lr: float, seq_len: int = SEQ_LEN) -> dict:
+    """The same training on one process without CP: per-micro-batch losses and final weights."""
+    model = tiny_causal_lm("llama")
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    samples = hf_style_samples(steps * accumulate * BATCH_SIZE, seq_len)
+    # Lightning's injected DistributedSampler shuffles training data (seed 0); one replica reads this order.
+    samples = [samples[i] for i in DistributedSampler(samples, num_replicas=1, rank=0, shuffle=True, seed=0)]
+    losses = []
+    for step in range(steps):
+        for micro in range(accumulate):
+            start = (step * accumulate + micro) * BATCH_SIZE
+            batch = {key: torch.stack([s[key] for s in samples[start : start + BATCH_SIZE]]) for key in samples[0]}
+            loss = model(**batch).loss
+            (loss / accumulate).backward()
+            losses.append(loss.detach())
+        optimizer.step()
+        optimizer.zero_grad()
+    return {"losses": torch.stack(losses), "weights": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's weights as plain tensors, gathering DTensor shards (a collective: call on all ranks)."""
+    from torch.distributed.tensor import DTensor
+
+    return {
+        key: (value.full_tensor() if isinstance(value, DTensor) else value).detach().clone()
+        for key, value in module.state_dict().items()
+    }

@@ -1,0 +1,125 @@
+"""Train a tiny Llama with the Trainer and ContextParallelStrategy; write losses and weights (rank 0)."""
+
+from __future__ import annotations
+
+import argparse
+
+import lightning as L
+import torch
+from common import BATCH_SIZE, full_state_dict, hf_style_samples, tiny_causal_lm
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lightning_cp import ContextParallelStrategy
+from lightning_cp.callbacks import ContextParallelCallback
+
+
+class LlamaModule(L.LightningModule):
+    """A LightningModule as a user writes it: the loss is the Hugging Face model's own."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__()
+        self.args = args
+        self.model = tiny_causal_lm("llama")
+        self.train_losses: list[torch.Tensor] = []
+        self.val_losses: list[torch.Tensor] = []
+        self.predictions: list[torch.Tensor] = []
+
+    def configure_model(self) -> None:
+        if self.args.layout == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_context_parallel"]
+            for layer in self.model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.model(**batch).loss
+        self.log("train_loss", loss)
+        self.train_losses.append(loss.detach().clone())
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss = self.model(**batch).loss
+        self.log("val_loss", loss)
+        self.val_losses.append(loss.detach().clone())
+
+    def predict_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        return self.model(**batch).logits
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.args.lr)
+
+    def _loader(self, count: int) -> DataLoader:
+        samples = hf_style_samples(count, self.args.seq_len)
+        if self.args.global_rank_sampler:  # the mistake to detect: ranks of one CP group get different data
+            sampler = DistributedSampler(
+                samples, num_replicas=self.trainer.world_size, rank=self.global_rank, shuffle=False
+            )
+            return DataLoader(samples, batch_size=BATCH_SIZE, sampler=sampler)
+        return DataLoader(samples, batch_size=BATCH_SIZE)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.args.steps * self.args.accumulate * BATCH_SIZE * self.args.dp)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(2 * BATCH_SIZE)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(BATCH_SIZE)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--cp", type=int, default=2)
+    parser.add_argument("--dp", type=int, default=1)
+    parser.add_argument("--layout", choices=("replicate", "fsdp"), default="replicate")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=1.0)
+    parser.add_argument("--seq-len", type=int, default=130)
+    parser.add_argument("--global-rank-sampler", action="store_true")
+    parser.add_argument("--validate", action="store_true")
+    parser.add_argument("--predict", action="store_true")
+    parser.add_argument("--no-callback", action="store_true")
+    parser.add_argument("--no-attention", action="store_true")
+    args = parser.parse_args()
+
+    module = LlamaModule(args)
+    if args.no_attention:  # a model whose attention the hooks cannot find
+        module.model.model.layers = torch.nn.ModuleList()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        strategy=ContextParallelStrategy(cp_size=args.cp, data_parallel_size=args.dp),
+        callbacks=[] if args.no_callback else [ContextParallelCallback()],
+        max_steps=args.steps,
+        accumulate_grad_batches=args.accumulate,
+        use_distributed_sampler=not args.global_rank_sampler,
+        num_sanity_val_steps=0,
+        limit_val_batches=2 if args.validate else 0,
+        enable_checkpointing=False,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    result: dict = {}
+    if args.validate:
+        trainer.validate(module)
+        result["val_losses"] = torch.stack(module.val_losses)
+    elif args.predict:
+        result["predictions"] = trainer.predict(module)
+    else:
+        trainer.fit(module)
+        result["losses"] = torch.stack(module.train_losses)
+        result["logged_train_loss"] = trainer.callback_metrics["train_loss"].clone()
+        result["tokens_per_sec_logged"] = "tokens_per_sec" in trainer.callback_metrics
+    result["weights"] = full_state_dict(module.model)
+    if trainer.global_rank == 0:
+        torch.save(result, args.out)
+
+
+if __name__ == "__main__":
+    main()

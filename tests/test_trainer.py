@@ -1,0 +1,115 @@
+"""End-to-end Trainer runs (2 CPU processes, gloo, Lightning's own launcher) against one-process training."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+
+from common import BATCH_SIZE, hf_style_samples, reference_sgd_run, run_script, tiny_causal_lm  # noqa: E402
+
+from lightning_cp import ContextParallelStrategy  # noqa: E402
+from lightning_cp.callbacks import ContextParallelCallback  # noqa: E402
+
+LR = 1.0
+
+
+def _train(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "result.pt"
+    result = run_script("trainer_llama.py", "--out", str(out), "--lr", str(LR), *args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return torch.load(out, weights_only=False) | {"log": result.stdout + result.stderr}
+
+
+def _assert_same_training(run: dict, reference: dict) -> None:
+    torch.testing.assert_close(run["losses"], reference["losses"], rtol=1e-5, atol=0)
+    assert run["weights"].keys() == reference["weights"].keys()
+    for name, weight in reference["weights"].items():
+        torch.testing.assert_close(run["weights"][name], weight, rtol=1e-4, atol=1e-6, msg=name)
+    moved = max((run["weights"][k] - tiny_causal_lm("llama").state_dict()[k]).abs().max() for k in run["weights"])
+    assert moved > 1e-3, "the weights must have changed, or the comparison proves nothing"
+
+
+@pytest.mark.parametrize(
+    "layout,accumulate",
+    [("replicate", 1), ("fsdp", 1), ("replicate", 2), ("fsdp", 2)],
+)
+def test_cp2_training_equals_one_process_training(tmp_path, layout, accumulate):
+    run = _train(tmp_path, "--layout", layout, "--accumulate", str(accumulate))
+    _assert_same_training(run, reference_sgd_run(steps=5, accumulate=accumulate, lr=LR))
+    # the logged train_loss is the loss of the whole sequence, not a shard's share
+    torch.testing.assert_close(run["logged_train_loss"], run["losses"][-1], rtol=1e-6, atol=0)
+    assert run["tokens_per_sec_logged"]
+    assert "data_parallel=1 × context_parallel=2 × tensor_parallel=1" in run["log"]
+    assert "sequence 130 tokens (padded to 132) -> 66 per rank" in run["log"]
+
+
+def test_validation_loss_with_cp2_equals_without_cp(tmp_path):
+    run = _train(tmp_path, "--validate")
+    model = tiny_causal_lm("llama")
+    samples = hf_style_samples(2 * BATCH_SIZE)
+    with torch.no_grad():
+        expected = [
+            model(**{k: torch.stack([s[k] for s in samples[i : i + BATCH_SIZE]]) for k in samples[0]}).loss
+            for i in range(0, len(samples), BATCH_SIZE)
+        ]
+    torch.testing.assert_close(run["val_losses"], torch.stack(expected), rtol=1e-5, atol=0)
+
+
+def test_predictions_come_back_gathered_to_full_length(tmp_path):
+    run = _train(tmp_path, "--predict")
+    samples = hf_style_samples(BATCH_SIZE)
+    with torch.no_grad():
+        expected = tiny_causal_lm("llama")(input_ids=torch.stack([s["input_ids"] for s in samples])).logits
+    (logits,) = run["predictions"]
+    assert logits.shape == expected.shape == (BATCH_SIZE, 130, 256)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def _failing_run(tmp_path: Path, *args: str) -> str:
+    result = run_script("trainer_llama.py", "--out", str(tmp_path / "never.pt"), "--steps", "2", *args, timeout=300)
+    assert result.returncode != 0
+    assert not (tmp_path / "never.pt").exists()
+    return result.stdout + result.stderr
+
+
+def test_ranks_of_a_cp_group_with_different_batches_are_detected(tmp_path):
+    log = _failing_run(tmp_path, "--global-rank-sampler")
+    assert "The ranks of a context-parallel group received different batches" in log
+
+
+def test_strategy_without_the_callback_is_refused_at_setup(tmp_path):
+    assert "add `callbacks=[ContextParallelCallback()]`" in _failing_run(tmp_path, "--no-callback")
+
+
+def test_model_without_attention_modules_is_refused(tmp_path):
+    assert "Found no self-attention modules" in _failing_run(tmp_path, "--no-attention")
+
+
+def test_cp_size_that_does_not_divide_the_world_is_refused(tmp_path):
+    assert "cp_size=3 does not divide the world size (2 processes)" in _failing_run(tmp_path, "--cp", "3")
+
+
+def test_callback_without_the_strategy_is_refused_at_setup():
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    class Tiny(L.LightningModule):
+        def training_step(self, batch, batch_idx):
+            return None
+
+        def configure_optimizers(self):
+            return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, callbacks=[ContextParallelCallback()], logger=False, max_steps=1)
+    with pytest.raises(MisconfigurationException, match="needs `ContextParallelStrategy`"):
+        trainer.fit(Tiny(), train_dataloaders=[{"input_ids": torch.zeros(1, 4)}])
+
+
+def test_strategy_is_registered_under_a_string():
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy="context_parallel", logger=False)
+    assert isinstance(trainer.strategy, ContextParallelStrategy)
