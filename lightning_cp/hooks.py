@@ -113,12 +113,44 @@ def _causal_pre_hook(
     return args, kwargs
 
 
+def _require_position_ids(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    if active_context_parallel() is None or kwargs.get("position_ids") is not None:
+        return
+    index = module._lightning_cp_position_index
+    if index is None or index >= len(args) or args[index] is None:
+        raise ValueError(
+            f"`{type(module).__name__}` was called under context parallelism without `position_ids`: it would"
+            " number each shard's tokens from 0. Pass the sharded batch's positions,"
+            " e.g. `model(input_ids=batch['input_ids'], position_ids=batch['position_ids'])` or `model(**batch)`."
+        )
+
+
+def _outermost_position_aware_models(model: nn.Module) -> list[nn.Module]:
+    """Outermost modules whose ``forward`` takes ``position_ids`` (the model a user calls)."""
+    found: list[str] = []
+    modules = []
+    for name, module in model.named_modules():
+        if any(name.startswith(parent + ".") or not parent for parent in found):
+            continue
+        if "position_ids" in inspect.signature(module.forward).parameters:
+            found.append(name)
+            modules.append(module)
+    return modules
+
+
 def attach_context_parallel_hooks(model: nn.Module) -> list[str]:
     """Make every self-attention module of ``model`` run causal without a mask while CP is on.
 
-    Returns the names of the modules hooked (attaching twice is harmless: a module is hooked once).
-    Raises ``ValueError`` for a Hugging Face model whose attention implementation bypasses SDPA.
+    Also makes the outermost modules that take ``position_ids`` refuse to run under CP without them:
+    positions made by the model would restart at 0 in every shard. Returns the names of the attention
+    modules hooked (attaching twice is harmless: a module is hooked once). Raises ``ValueError`` for a
+    Hugging Face model whose attention implementation bypasses SDPA.
     """
+    for module in _outermost_position_aware_models(model):
+        if not hasattr(module, "_lightning_cp_position_index"):
+            parameters = list(inspect.signature(module.forward).parameters)
+            module._lightning_cp_position_index = parameters.index("position_ids")
+            module.register_forward_pre_hook(_require_position_ids, with_kwargs=True)
     modules = find_attention_modules(model)
     for name, module in modules.items():
         _check_attn_implementation(name, module)

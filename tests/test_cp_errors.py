@@ -41,6 +41,13 @@ def _error_cases(rank: int, world_size: int) -> dict:
 
     model = tiny_causal_lm("llama")
     attach_context_parallel_hooks(model)
+
+    def without_positions():
+        train_ctx, local = make_cp_batch_and_ctx(mesh, batch)
+        with train_ctx():
+            model(input_ids=local["input_ids"])
+
+    results["missing_position_ids"] = _error_of(without_positions)
     for module in find_attention_modules(model).values():
         module.is_causal = False
     results["non_causal_load_balanced"] = _error_of(lambda: _run_model(mesh, model, batch))
@@ -97,6 +104,7 @@ def error_results():
     "case,message",
     [
         ("left_padding", "left padding or holes"),
+        ("missing_position_ids", "without `position_ids`: it would number each shard's tokens from 0"),
         ("non_causal_load_balanced", "only supports causal attention"),
         ("sliding_window", "sliding window of 64 tokens, shorter than the sequence \\(128\\)"),
         ("explicit_mask", "cannot apply an explicit `attn_mask`"),

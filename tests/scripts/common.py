@@ -55,13 +55,17 @@ def run_script(script: str, *args: str, timeout: float = 600) -> subprocess.Comp
     return result
 
 
-def reference_sgd_run(steps: int, accumulate: int, lr: float, seq_len: int = SEQ_LEN) -> dict:
-    """The same training on one process without CP: per-micro-batch losses and final weights."""
+def reference_sgd_run(steps: int, accumulate: int, lr: float, seq_len: int = SEQ_LEN, shuffled: bool = True) -> dict:
+    """The same training on one process without CP: per-micro-batch losses and final weights.
+
+    ``shuffled``: read the samples in the order of Lightning's injected DistributedSampler (the Trainer
+    shuffles training data with seed 0); otherwise in order (Fabric keeps a sequential sampler).
+    """
     model = tiny_causal_lm("llama")
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     samples = hf_style_samples(steps * accumulate * BATCH_SIZE, seq_len)
     # Lightning's injected DistributedSampler shuffles training data (seed 0); one replica reads this order.
-    samples = [samples[i] for i in DistributedSampler(samples, num_replicas=1, rank=0, shuffle=True, seed=0)]
+    samples = [samples[i] for i in DistributedSampler(samples, num_replicas=1, rank=0, shuffle=shuffled, seed=0)]
     losses = []
     for step in range(steps):
         for micro in range(accumulate):

@@ -1,0 +1,60 @@
+"""Train a tiny Llama with Fabric and ContextParallelStrategy in a user-written loop; write results (rank 0)."""
+
+from __future__ import annotations
+
+import argparse
+
+import lightning as L
+import torch
+from common import BATCH_SIZE, full_state_dict, hf_style_samples, tiny_causal_lm
+from torch.utils.data import DataLoader
+
+from lightning_cp.fabric import ContextParallelStrategy
+
+
+def shard_over_data_and_context(model: torch.nn.Module, device_mesh) -> torch.nn.Module:
+    """FSDP2 over the flattened data × context mesh."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = device_mesh["data_context_parallel"]
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--layout", choices=("replicate", "fsdp"), default="replicate")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=1.0)
+    parser.add_argument("--custom-loss", action="store_true", help="loss from logits via the strategy's helper")
+    args = parser.parse_args()
+
+    strategy = ContextParallelStrategy(
+        parallelize_fn=shard_over_data_and_context if args.layout == "fsdp" else None, cp_size=2
+    )
+    fabric = L.Fabric(accelerator="cpu", devices=2, strategy=strategy)
+    fabric.launch()
+    model = fabric.setup(tiny_causal_lm("llama"))  # parameters become DTensors under FSDP2: optimizer after
+    optimizer = fabric.setup_optimizers(torch.optim.SGD(model.parameters(), lr=args.lr))
+    loader = fabric.setup_dataloaders(DataLoader(hf_style_samples(args.steps * BATCH_SIZE), batch_size=BATCH_SIZE))
+    losses = []
+    for batch in loader:
+        with strategy.context_parallel(batch):
+            if args.custom_loss:
+                logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+                loss = strategy.token_correct_loss(logits, batch["labels"])
+            else:
+                loss = model(**batch).loss
+            fabric.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.detach().clone())
+    weights = full_state_dict(model)
+    if fabric.global_rank == 0:
+        torch.save({"losses": torch.stack(losses), "weights": weights}, args.out)
+
+
+if __name__ == "__main__":
+    main()
