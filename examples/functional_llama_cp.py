@@ -94,6 +94,7 @@ def _worker(rank: int, args: argparse.Namespace, port: int) -> None:
     if rank == 0:
         worst = max((a - b).abs().max().item() for a, b in zip(model.parameters(), reference.parameters(), strict=True))
         print(f"largest weight difference after {args.steps} SGD steps: {worst:.2e}", flush=True)
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 

@@ -34,6 +34,7 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, out_di
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -49,6 +49,18 @@ def test_cp2_training_equals_one_process_training(tmp_path, layout, accumulate):
     assert "sequence 130 tokens (padded to 132) -> 66 per rank" in run["log"]
 
 
+def test_manual_optimization_with_cp2_equals_one_process_training(tmp_path):
+    run = _train(tmp_path, "--manual")
+    _assert_same_training(run, reference_sgd_run(steps=5, accumulate=1, lr=LR))
+
+
+def test_dp2_by_cp2_training_equals_one_process_training_on_the_global_batch(tmp_path):
+    """4 processes: the sampler is keyed on the data-parallel rank and the loss is token-correct across dp."""
+    run = _train(tmp_path, "--devices", "4", "--dp", "2", "--layout", "fsdp")
+    _assert_same_training(run, reference_sgd_run(steps=5, accumulate=1, lr=LR, data_parallel=2))
+    assert "data_parallel=2 × context_parallel=2 × tensor_parallel=1" in run["log"]
+
+
 def test_validation_loss_with_cp2_equals_without_cp(tmp_path):
     run = _train(tmp_path, "--validate")
     model = tiny_causal_lm("llama")

@@ -55,22 +55,28 @@ def run_script(script: str, *args: str, timeout: float = 600) -> subprocess.Comp
     return result
 
 
-def reference_sgd_run(steps: int, accumulate: int, lr: float, seq_len: int = SEQ_LEN, shuffled: bool = True) -> dict:
+def reference_sgd_run(
+    steps: int, accumulate: int, lr: float, seq_len: int = SEQ_LEN, shuffled: bool = True, data_parallel: int = 1
+) -> dict:
     """The same training on one process without CP: per-micro-batch losses and final weights.
 
-    ``shuffled``: read the samples in the order of Lightning's injected DistributedSampler (the Trainer
-    shuffles training data with seed 0); otherwise in order (Fabric keeps a sequential sampler).
+    Each micro-batch is the *global* one: the batches of all ``data_parallel`` replicas together, as
+    Lightning's DistributedSampler hands them out (shuffled with seed 0 for the Trainer, in order for
+    Fabric), and its loss is the token mean over all of them.
     """
     model = tiny_causal_lm("llama")
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    samples = hf_style_samples(steps * accumulate * BATCH_SIZE, seq_len)
-    # Lightning's injected DistributedSampler shuffles training data (seed 0); one replica reads this order.
-    samples = [samples[i] for i in DistributedSampler(samples, num_replicas=1, rank=0, shuffle=shuffled, seed=0)]
+    samples = hf_style_samples(steps * accumulate * BATCH_SIZE * data_parallel, seq_len)
+    orders = [
+        list(DistributedSampler(samples, num_replicas=data_parallel, rank=rank, shuffle=shuffled, seed=0))
+        for rank in range(data_parallel)
+    ]
     losses = []
     for step in range(steps):
         for micro in range(accumulate):
             start = (step * accumulate + micro) * BATCH_SIZE
-            batch = {key: torch.stack([s[key] for s in samples[start : start + BATCH_SIZE]]) for key in samples[0]}
+            chosen = [samples[i] for order in orders for i in order[start : start + BATCH_SIZE]]
+            batch = {key: torch.stack([s[key] for s in chosen]) for key in samples[0]}
             loss = model(**batch).loss
             (loss / accumulate).backward()
             losses.append(loss.detach())

@@ -20,6 +20,7 @@ class LlamaModule(L.LightningModule):
         super().__init__()
         self.args = args
         self.model = tiny_causal_lm("llama")
+        self.automatic_optimization = not args.manual
         self.train_losses: list[torch.Tensor] = []
         self.val_losses: list[torch.Tensor] = []
         self.predictions: list[torch.Tensor] = []
@@ -37,6 +38,11 @@ class LlamaModule(L.LightningModule):
         loss = self.model(**batch).loss
         self.log("train_loss", loss)
         self.train_losses.append(loss.detach().clone())
+        if not self.automatic_optimization:
+            optimizer = self.optimizers()
+            self.manual_backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -83,6 +89,7 @@ def main() -> None:
     parser.add_argument("--global-rank-sampler", action="store_true")
     parser.add_argument("--validate", action="store_true")
     parser.add_argument("--predict", action="store_true")
+    parser.add_argument("--manual", action="store_true", help="manual optimization in training_step")
     parser.add_argument("--no-callback", action="store_true")
     parser.add_argument("--no-attention", action="store_true")
     args = parser.parse_args()
