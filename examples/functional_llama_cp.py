@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import socket
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lightning_cp as lcp
+from lightning_cp.launch import run_on_local_ranks
 
 
 def _parse_args() -> argparse.Namespace:
@@ -55,10 +52,7 @@ def _batch(step: int, args: argparse.Namespace) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": labels}
 
 
-def _worker(rank: int, args: argparse.Namespace, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.cp))
-    dist.init_process_group("gloo", rank=rank, world_size=args.cp, timeout=timedelta(minutes=5))
+def _worker(rank: int, world_size: int, args: argparse.Namespace) -> None:
     mesh = init_device_mesh("cpu", (args.cp,), mesh_dim_names=("context_parallel",))
     cp_mesh = mesh["context_parallel"]
     model = _model()
@@ -94,16 +88,11 @@ def _worker(rank: int, args: argparse.Namespace, port: int) -> None:
     if rank == 0:
         worst = max((a - b).abs().max().item() for a, b in zip(model.parameters(), reference.parameters(), strict=True))
         print(f"largest weight difference after {args.steps} SGD steps: {worst:.2e}", flush=True)
-    dist.barrier()  # no rank tears gloo down while another still talks to it
-    dist.destroy_process_group()
 
 
 def main() -> None:
     args = _parse_args()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_worker, args=(args, port), nprocs=args.cp)
+    run_on_local_ranks(_worker, args, world_size=args.cp, timeout=1800)
 
 
 if __name__ == "__main__":

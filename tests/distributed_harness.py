@@ -1,58 +1,15 @@
-"""Run a function on real gloo ranks in spawned processes and bring each rank's result back.
-
-Assertions stay in the test (the parent process), so a failure reports like any other test; an
-exception on a rank is re-raised with its traceback, and a hang ends at ``timeout`` seconds.
-"""
+"""Run test functions on real gloo ranks: one thread per rank, results and assertions in the test."""
 
 from __future__ import annotations
 
-import os
-import socket
-import tempfile
-import time
 from collections.abc import Callable
-from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from lightning_cp.launch import free_port, run_on_local_ranks
 
-
-def free_port() -> int:
-    """A TCP port on the loopback interface that is free right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, out_dir: str, args: tuple[Any, ...]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
-    try:
-        result = fn(rank, world_size, *args)
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
-        dist.barrier()  # no rank tears gloo down while another still talks to it
-    finally:
-        dist.destroy_process_group()
+__all__ = ["free_port", "run_on_ranks"]
 
 
 def run_on_ranks(fn: Callable[..., Any], *args: Any, world_size: int = 2, timeout: float = 300) -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return the results by rank."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        context = mp.start_processes(
-            _entry,
-            args=(fn, world_size, free_port(), out_dir, args),
-            nprocs=world_size,
-            join=False,
-            start_method="spawn",
-        )
-        deadline = time.monotonic() + timeout
-        while not context.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                for process in context.processes:
-                    process.kill()
-                raise TimeoutError(f"{fn.__name__} did not finish on {world_size} ranks within {timeout} s")
-        return [torch.load(Path(out_dir) / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
+    return run_on_local_ranks(fn, *args, world_size=world_size, timeout=timeout, threads_per_rank=1)

@@ -1,0 +1,122 @@
+"""Shared pieces of the benchmarks: the model, synthetic batches, memory measurement, tables, plots.
+
+Memory on CPU is the peak resident set size (VmHWM) during one training step minus the resident size
+just before it; the peak is reset through /proc/self/clear_refs before each step, and glibc is made to
+hand freed memory back (a fixed mmap threshold, set by :func:`release_freed_memory_to_os` before the
+ranks start, and ``malloc_trim``), so memory kept from an earlier, larger step does not hide a peak. It covers
+activations, temporaries, communication buffers and gradients of one forward + backward; weights,
+optimizer-free gradient buffers and libraries are in the baseline. On CUDA it is the peak of
+torch's allocator (``max_memory_allocated``) over the same step, minus what was allocated before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+VOCAB = 1024
+
+
+def llama(device: torch.device, layers: int = 2, hidden: int = 256, heads: int = 4, seed: int = 0) -> LlamaForCausalLM:
+    """A Llama-shaped model (GQA, RMSNorm, SwiGLU, RoPE) small enough for long sequences on a CPU."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=1 << 20,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(config).to(device)
+
+
+def lm_batch(seq_len: int, batch_size: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tokens with Hugging Face labels."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, VOCAB, (batch_size, seq_len), generator=generator).to(device)
+    return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+
+def backend_for(device: str, world_size: int) -> str:
+    """NCCL with one GPU per rank; gloo otherwise (CPU, or ranks sharing a GPU)."""
+    if device == "cuda" and torch.cuda.device_count() >= world_size:
+        return "nccl"
+    return "gloo"
+
+
+def rank_device(device: str, rank: int) -> torch.device:
+    """The device a rank computes on: its own GPU when there are enough, else GPU 0, or the CPU."""
+    if device == "cuda":
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def release_freed_memory_to_os() -> None:
+    """Make glibc serve large tensors with mmap (so freeing them lowers RSS); call before spawning ranks."""
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 16))
+
+
+def _trim_heap() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: RSS deltas may then under-count after larger steps
+        pass
+
+
+def _rss_kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def measure_peak_mib(step: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """Run ``step`` once; return (peak memory above the level before it in MiB, seconds taken)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    else:
+        _trim_heap()
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
+        before = _rss_kib("VmRSS") * 1024
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = _rss_kib("VmHWM") * 1024
+    return (peak - before) / 2**20, time.perf_counter() - start
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Print rows as a Markdown table under ``title`` and return the text."""
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    text = "\n".join(lines)
+    print(text + "\n", flush=True)
+    return text
+
+
+def save_plot(path: str, draw: Callable[[object], None]) -> None:
+    """Draw with matplotlib (``pip install matplotlib``) into a PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure = plt.figure(figsize=(10, 4))
+    draw(figure)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    print(f"plot written to {path}", flush=True)
