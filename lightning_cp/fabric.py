@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import STRATEGY_REGISTRY
 from lightning.fabric.strategies import ModelParallelStrategy as FabricModelParallelStrategy
@@ -31,10 +30,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
-from lightning_cp.dispatch import validate_rotate_method
 from lightning_cp.gradients import average_replicated_gradients, check_sharded_parameters
-from lightning_cp.layout import ParallelLayout, Size, build_device_mesh, resolve_layout, validate_size
-from lightning_cp.session import ContextParallelSession
+from lightning_cp.layout import Size
+from lightning_cp.strategy_base import ContextParallelMixin
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -44,7 +42,7 @@ def _replicate(module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
     return module
 
 
-class ContextParallelStrategy(FabricModelParallelStrategy):
+class ContextParallelStrategy(ContextParallelMixin, FabricModelParallelStrategy):
     """Fabric's model-parallel strategy with a context-parallel dimension; see the module docstring.
 
     Arguments:
@@ -80,55 +78,24 @@ class ContextParallelStrategy(FabricModelParallelStrategy):
             process_group_backend=process_group_backend,
             timeout=timeout,
         )
-        validate_size("cp_size", cp_size)
-        validate_size("data_parallel_size", data_parallel_size)
-        validate_size("tensor_parallel_size", tensor_parallel_size)
-        self._cp_size = cp_size
-        self._session_options: dict[str, Any] = dict(
+        self._init_context_parallel(
+            cp_size,
+            data_parallel_size,
+            tensor_parallel_size,
             load_balance=load_balance,
-            rotate_method=validate_rotate_method(rotate_method),
+            rotate_method=rotate_method,
             shift_labels=shift_labels,
             padding_token_id=padding_token_id,
             check_batch_every_n_steps=check_batch_every_n_steps,
         )
-        self._layout: ParallelLayout | None = None
-        self._session: ContextParallelSession | None = None
         self._modules: list[nn.Module] = []
-
-    @property
-    def session(self) -> ContextParallelSession:
-        """Per-process CP state: sharding, ring attention, token-correct losses."""
-        if self._session is None:
-            raise RuntimeError("The context-parallel session exists only after `fabric.launch()`.")
-        return self._session
-
-    @property
-    def layout(self) -> ParallelLayout:
-        """The resolved data × context × tensor parallel sizes."""
-        if self._layout is None:
-            raise RuntimeError("The parallel layout is known only after `fabric.launch()`.")
-        return self._layout
-
-    @property
-    def cp_mesh(self) -> DeviceMesh:
-        """The context-parallel submesh: the ranks sharing one sequence."""
-        return self.session.cp_mesh
-
-    @property
-    def data_context_mesh(self) -> DeviceMesh:
-        """The flattened data × context submesh: shard parameters with FSDP2 over it."""
-        return self.session.data_context_mesh
 
     @override
     def setup_environment(self) -> None:
         super(FabricModelParallelStrategy, self).setup_environment()
         self._setup_distributed()
-        self._layout = resolve_layout(
-            self.world_size, self._cp_size, self._data_parallel_size, self._tensor_parallel_size
-        )
-        self._device_mesh, data_context_mesh = build_device_mesh(self._layout, self.root_device)
-        self._session = ContextParallelSession(self._device_mesh, data_context_mesh, **self._session_options)
-        rank_zero_info(f"lightning_cp: {self._layout.describe()} on {self.world_size} processes")
+        self._setup_context_parallel_mesh()
+        rank_zero_info(f"lightning_cp: {self.layout.describe()} on {self.world_size} processes")
 
     @override
     def setup_module(self, module: nn.Module) -> nn.Module:
@@ -153,10 +120,6 @@ class ContextParallelStrategy(FabricModelParallelStrategy):
         """Shard ``batch`` in place for this rank and keep ring attention on: run forward and backward inside."""
         with self.session.step(batch, require_labels=require_labels) as local:
             yield local
-
-    def token_correct_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy for a custom loop: the whole batch's value, the right gradient (inside the context)."""
-        return self.session.token_correct_loss(logits, labels)
 
 
 STRATEGY_REGISTRY.register(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -18,16 +18,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_cp.dispatch import validate_rotate_method
 from lightning_cp.gradients import average_replicated_gradients, check_sharded_parameters
-from lightning_cp.layout import ParallelLayout, Size, build_device_mesh, resolve_layout, validate_size
-from lightning_cp.session import ContextParallelSession
-
-if TYPE_CHECKING:
-    from torch.distributed.device_mesh import DeviceMesh
+from lightning_cp.layout import Size
+from lightning_cp.strategy_base import ContextParallelMixin
 
 
-class ContextParallelStrategy(ModelParallelStrategy):
+class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
     """Shards the sequence of every batch across a context-parallel group; attention runs as a ring.
 
     The device mesh has the dimensions ``("data_parallel", "context_parallel", "tensor_parallel")`` and a
@@ -74,57 +70,25 @@ class ContextParallelStrategy(ModelParallelStrategy):
             process_group_backend=process_group_backend,
             timeout=timeout,
         )
-        validate_size("cp_size", cp_size)
-        validate_size("data_parallel_size", data_parallel_size)
-        validate_size("tensor_parallel_size", tensor_parallel_size)
-        self._cp_size = cp_size
-        self._session_options: dict[str, Any] = dict(
+        self._init_context_parallel(
+            cp_size,
+            data_parallel_size,
+            tensor_parallel_size,
             load_balance=load_balance,
-            rotate_method=validate_rotate_method(rotate_method),
+            rotate_method=rotate_method,
             shift_labels=shift_labels,
             padding_token_id=padding_token_id,
             check_batch_every_n_steps=check_batch_every_n_steps,
         )
         self._gather_predictions = gather_predictions
-        self._layout: ParallelLayout | None = None
-        self._data_context_mesh: DeviceMesh | None = None
-        self._session: ContextParallelSession | None = None
-
-    @property
-    def session(self) -> ContextParallelSession:
-        """Per-process CP state: sharding, ring attention, token-correct losses."""
-        if self._session is None:
-            raise RuntimeError("The context-parallel session exists only after the processes have initialized.")
-        return self._session
-
-    @property
-    def layout(self) -> ParallelLayout:
-        """The resolved data × context × tensor parallel sizes."""
-        if self._layout is None:
-            raise RuntimeError("The parallel layout is known only after the processes have initialized.")
-        return self._layout
-
-    @property
-    def cp_mesh(self) -> DeviceMesh:
-        """The context-parallel submesh: the ranks sharing one sequence."""
-        return self.session.cp_mesh
-
-    @property
-    def data_context_mesh(self) -> DeviceMesh:
-        """The flattened data × context submesh: shard parameters with FSDP2 over it."""
-        return self.session.data_context_mesh
 
     @override
     def setup_environment(self) -> None:
         self._setup_distributed()
-        self._layout = resolve_layout(
-            self.world_size, self._cp_size, self._data_parallel_size, self._tensor_parallel_size
-        )
-        self._device_mesh, self._data_context_mesh = build_device_mesh(self._layout, self.root_device)
+        self._setup_context_parallel_mesh()
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
-        self._session = ContextParallelSession(self._device_mesh, self._data_context_mesh, **self._session_options)
-        rank_zero_info(f"lightning_cp: {self._layout.describe()} on {self.world_size} processes")
+        rank_zero_info(f"lightning_cp: {self.layout.describe()} on {self.world_size} processes")
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
@@ -174,13 +138,6 @@ class ContextParallelStrategy(ModelParallelStrategy):
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
         output = super().predict_step(*args, **kwargs)
         return self.session.gather_outputs(output) if self._gather_predictions else output
-
-    def token_correct_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy for a custom ``training_step``: the whole batch's value, the right gradient.
-
-        ``labels`` are the position-aligned labels of the sharded batch (``batch["labels"]``).
-        """
-        return self.session.token_correct_loss(logits, labels)
 
 
 StrategyRegistry.register(

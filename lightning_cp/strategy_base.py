@@ -1,0 +1,80 @@
+"""What the Trainer and Fabric context-parallel strategies share: options, mesh, session, loss helper."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lightning_cp.dispatch import validate_rotate_method
+from lightning_cp.layout import ParallelLayout, Size, build_device_mesh, resolve_layout, validate_size
+from lightning_cp.session import ContextParallelSession
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+
+class ContextParallelMixin:
+    """Mixed into a Lightning ``ModelParallelStrategy`` (Trainer or Fabric side) to add the CP dimension."""
+
+    _data_parallel_size: Size
+    _tensor_parallel_size: Size
+    _device_mesh: DeviceMesh | None
+    world_size: int
+    root_device: torch.device
+
+    def _init_context_parallel(
+        self,
+        cp_size: Size,
+        data_parallel_size: Size,
+        tensor_parallel_size: Size,
+        **session_options: Any,
+    ) -> None:
+        """Check the arguments now (before any process starts) and keep them for the session."""
+        validate_size("cp_size", cp_size)
+        validate_size("data_parallel_size", data_parallel_size)
+        validate_size("tensor_parallel_size", tensor_parallel_size)
+        validate_rotate_method(session_options["rotate_method"])
+        self._cp_size = cp_size
+        self._session_options = session_options
+        self._layout: ParallelLayout | None = None
+        self._session: ContextParallelSession | None = None
+
+    def _setup_context_parallel_mesh(self) -> None:
+        """Resolve the layout against the world size, build the mesh and the session (after init_process_group)."""
+        self._layout = resolve_layout(
+            self.world_size, self._cp_size, self._data_parallel_size, self._tensor_parallel_size
+        )
+        self._device_mesh, data_context_mesh = build_device_mesh(self._layout, self.root_device)
+        self._session = ContextParallelSession(self._device_mesh, data_context_mesh, **self._session_options)
+
+    @property
+    def session(self) -> ContextParallelSession:
+        """Per-process CP state: sharding, ring attention, token-correct losses."""
+        if self._session is None:
+            raise RuntimeError("The context-parallel session exists only after the processes have started.")
+        return self._session
+
+    @property
+    def layout(self) -> ParallelLayout:
+        """The resolved data × context × tensor parallel sizes."""
+        if self._layout is None:
+            raise RuntimeError("The parallel layout is known only after the processes have started.")
+        return self._layout
+
+    @property
+    def cp_mesh(self) -> DeviceMesh:
+        """The context-parallel submesh: the ranks sharing one sequence."""
+        return self.session.cp_mesh
+
+    @property
+    def data_context_mesh(self) -> DeviceMesh:
+        """The flattened data × context submesh: shard parameters with FSDP2 over it."""
+        return self.session.data_context_mesh
+
+    def token_correct_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy for a loss of your own, under CP: the whole batch's value, the right gradient.
+
+        ``labels`` are the position-aligned labels of the sharded batch (``batch["labels"]``).
+        """
+        return self.session.token_correct_loss(logits, labels)
