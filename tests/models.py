@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.nn.functional import scaled_dot_product_attention as sdpa_imported_by_name
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
 _TINY = dict(
@@ -42,3 +43,29 @@ def lm_batch(batch_size: int = 2, seq_len: int = 130, ignored_share: float = 1 /
     ignored = int(ignored_share * batch_size * seq_len)
     labels.view(-1)[:ignored] = -100
     return {"input_ids": input_ids, "labels": labels}
+
+
+def _attention_calling_sdpa_by_name(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """Hugging Face attention that calls an SDPA imported by name: it never sees CP's patched function."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    out = sdpa_imported_by_name(query, key, value, is_causal=True, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def llama_with_sdpa_imported_by_name() -> PreTrainedModel:
+    """Tiny Llama whose "sdpa" attention bypasses the module attribute CP patches (in this process)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("sdpa", _attention_calling_sdpa_by_name)
+    return tiny_causal_lm("llama")
+
+
+def mistral_with_short_window() -> PreTrainedModel:
+    """Tiny Mistral with a 64-token sliding window."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    return MistralForCausalLM(MistralConfig(**{**_TINY, "sliding_window": 64}))

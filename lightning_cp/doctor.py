@@ -1,0 +1,327 @@
+"""``lightning_cp doctor``: prove that CP is exact on *your* model, or say why it is not.
+
+The model runs once without CP and once with CP on ``cp_size`` local processes (gloo on CPU), on the
+same batch and weights, through the same path the strategies use. The report gives the loss
+difference, the worst relative gradient difference per parameter group, the attention modules the
+hooks saw and how many attention calls really ran through the ring, and a verdict with the likely
+causes when it is not exact.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_cp.batch import IGNORE_INDEX
+from lightning_cp.cpu_ring import _cp_attention_module
+from lightning_cp.gradients import average_replicated_gradients
+from lightning_cp.hooks import find_attention_modules
+from lightning_cp.launch import run_on_local_ranks
+from lightning_cp.layout import build_device_mesh, resolve_layout
+
+#: Known causes of inexact CP, with what to do about each.
+CAUSES: dict[str, str] = {
+    "local_attention": (
+        "attention that never reached the ring: some attention ran on the local shard only (SDPA imported by"
+        " name, an attention implementation other than 'sdpa', or a compiled layer that traced SDPA on local"
+        " tensors). Call `torch.nn.functional.scaled_dot_product_attention` through the module, use"
+        " attn_implementation='sdpa', and attach_cp_sdpa_hooks for compiled layers."
+    ),
+    "masked_attention": (
+        "sliding-window or non-causal attention, which the CP hooks would replace by plain causal attention."
+        " Use sequences no longer than the window, or turn load balancing off for bidirectional attention."
+    ),
+    "missing_position_ids": "the model was called without the sharded `position_ids`; pass them.",
+    "labels_shifted_after_sharding": (
+        "labels shifted after sharding: the loss pairs each token of a shard with its neighbour in the shard,"
+        " which after load-balanced sharding is not its successor. Shift labels before sharding (lightning_cp"
+        " does it for Hugging Face labels) and compute the loss on position-aligned labels."
+    ),
+    "loss_not_token_correct": (
+        "a loss that is a mean over this shard's labels, not a share of the whole sequence's mean. Use the"
+        " model's own Hugging Face loss, or `strategy.token_correct_loss(logits, batch['labels'])`."
+    ),
+    "padded_sequence": (
+        "a sequence length that is not a multiple of 2 * cp: lightning_cp pads it (exact), but torch's own"
+        " context_parallel would silently turn load balancing off at this length."
+    ),
+}
+
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+
+
+def default_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What a Lightning ``training_step`` usually returns: the Hugging Face model's own loss."""
+    return model(**batch).loss
+
+
+@dataclass
+class DoctorReport:
+    """The outcome of :func:`check`."""
+
+    exact: bool
+    cp_size: int
+    seq_len: int
+    loss_reference: float
+    loss_cp: float | None
+    grad_differences: dict[str, float] = field(default_factory=dict)
+    attention_modules: list[str] = field(default_factory=list)
+    attention_calls: int = 0
+    ring_calls: int = 0
+    causes: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def render(self) -> str:
+        """The report as text for a terminal."""
+        lines = [f"lightning_cp doctor: cp={self.cp_size}, sequence {self.seq_len} tokens"]
+        lines.append(f"  loss without CP {self.loss_reference:.6f}")
+        if self.loss_cp is not None:
+            relative = abs(self.loss_cp - self.loss_reference) / max(abs(self.loss_reference), 1e-12)
+            lines.append(f"  loss with CP    {self.loss_cp:.6f}   (relative difference {relative:.1e})")
+        if self.grad_differences:
+            lines.append("  worst relative gradient difference per parameter group:")
+            lines += [f"    {name:<40} {value:.1e}" for name, value in self.grad_differences.items()]
+        lines.append(f"  attention modules hooked: {len(self.attention_modules)}")
+        lines += [f"    {name}" for name in self.attention_modules]
+        lines.append(f"  attention calls under CP: {self.attention_calls}, through the ring: {self.ring_calls}")
+        if self.error:
+            lines.append(f"  CP run stopped with: {self.error}")
+        lines.append(f"verdict: {'EXACT within tolerance' if self.exact else 'NOT EXACT'}")
+        label = "note" if self.exact else "likely cause"
+        lines += [f"  {label} [{cause}]: {CAUSES[cause]}" for cause in self.causes]
+        return "\n".join(lines)
+
+
+def synthetic_batch(vocab_size: int, seq_len: int, batch_size: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tokens with Hugging Face labels, a third of them ignored and unevenly spread over the shards."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
+    labels = input_ids.clone()
+    labels.view(-1)[: batch_size * seq_len // 3] = IGNORE_INDEX
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def _parameter_group(name: str) -> str:
+    parts = name.split(".")
+    for index, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: index + 1])
+    return ".".join(parts[:-1]) or name
+
+
+def _relative_grad_differences(model: nn.Module, reference: dict[str, torch.Tensor]) -> dict[str, float]:
+    worst: dict[str, float] = {}
+    for name, param in model.named_parameters():
+        if param.grad is None or name not in reference:
+            continue
+        ref = reference[name]
+        difference = float((param.grad - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
+        group = _parameter_group(name)
+        worst[group] = max(worst.get(group, 0.0), difference)
+    return worst
+
+
+def _cross_entropy_mean(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def _loss_fingerprints(logits: torch.Tensor, local: dict[str, torch.Tensor]) -> list[tuple[str, float]]:
+    """This rank's loss under formulas that are wrong under CP, to recognise the user's loss among them."""
+    labels, ids = local["labels"], local["input_ids"]
+    return [
+        ("loss_not_token_correct", float(_cross_entropy_mean(logits, labels))),
+        ("labels_shifted_after_sharding", float(_cross_entropy_mean(logits[:, :-1], ids[:, 1:]))),
+        ("labels_shifted_after_sharding", float(_cross_entropy_mean(logits[:, :-1], labels[:, 1:]))),
+    ]
+
+
+def _error_cause(message: str) -> str | None:
+    for needle, cause in (
+        ("sliding window", "masked_attention"),
+        ("is not causal", "masked_attention"),
+        ("without `position_ids`", "missing_position_ids"),
+        ("Found no self-attention modules", "local_attention"),
+        ("attn_implementation=", "local_attention"),
+    ):
+        if needle in message:
+            return cause
+    return None
+
+
+def _doctor_worker(
+    rank: int,
+    world_size: int,
+    model_factory: Callable[[], nn.Module],
+    batch: dict[str, torch.Tensor],
+    loss_fn: LossFn,
+    load_balance: bool,
+    shift_labels: bool,
+) -> dict[str, Any]:
+    from lightning_cp.session import ContextParallelSession
+
+    torch.manual_seed(0)
+    model = model_factory()
+    reference = copy.deepcopy(model)
+    reference_loss = loss_fn(reference, {k: v.clone() for k, v in batch.items()})
+    reference_loss.backward()
+    reference_grads = {n: p.grad.clone() for n, p in reference.named_parameters() if p.grad is not None}
+
+    mesh, data_context_mesh = build_device_mesh(resolve_layout(world_size, world_size, 1, 1), torch.device("cpu"))
+    session = ContextParallelSession(
+        mesh, data_context_mesh, load_balance=load_balance, shift_labels=shift_labels, check_batch_every_n_steps=1
+    )
+    attention_modules = list(find_attention_modules(model))
+    calls = {"attention": 0, "ring": 0}
+    for module in find_attention_modules(model).values():
+        module.register_forward_pre_hook(lambda *_: calls.__setitem__("attention", calls["attention"] + 1))
+    attention = _cp_attention_module()
+    ring = attention._templated_ring_attention
+
+    def counted_ring(*args: Any, **kwargs: Any) -> Any:
+        calls["ring"] += 1
+        return ring(*args, **kwargs)
+
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture_logits(module: nn.Module, args: Any, output: Any) -> None:
+        logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
+        if isinstance(logits, torch.Tensor):
+            captured["logits"] = logits.detach()
+
+    model.register_forward_hook(capture_logits)
+    result: dict[str, Any] = {"reference_loss": float(reference_loss.detach()), "attention_modules": attention_modules}
+    attention._templated_ring_attention = counted_ring
+    try:
+        session.prepare_model(model)
+        local = dict(batch)
+        with session.step(local):
+            loss = loss_fn(model, local)
+            loss.backward()
+        average_replicated_gradients(model, data_context_mesh)
+        result["loss"] = float(loss.detach())
+        result["grad_differences"] = _relative_grad_differences(model, reference_grads)
+        if "logits" in captured:
+            result["fingerprints"] = _loss_fingerprints(captured["logits"], local)
+    except ValueError as err:
+        result["error"] = str(err)
+    finally:
+        attention._templated_ring_attention = ring
+    result["calls"] = calls
+    return result
+
+
+def check(
+    model_factory: Callable[[], nn.Module],
+    batch: dict[str, torch.Tensor] | None = None,
+    cp_size: int = 2,
+    *,
+    seq_len: int = 256,
+    loss_fn: LossFn = default_loss,
+    labels: str = "hf",
+    load_balance: bool = True,
+    rtol_loss: float = 1e-5,
+    rtol_grad: float = 1e-4,
+    timeout: float = 900,
+) -> DoctorReport:
+    """Run ``model_factory()`` without CP and with CP on ``cp_size`` local gloo ranks; report the differences.
+
+    Args:
+        model_factory: builds the model (deterministically: it is seeded with 0 on every rank); it must be
+            importable by the spawned processes (a module-level function, or a ``functools.partial`` of one).
+        batch: ``input_ids`` and ``labels``; by default random tokens of ``seq_len`` with a third of the
+            labels ignored (the model needs ``config.vocab_size``).
+        loss_fn: ``loss_fn(model, batch) -> loss``, as your training step computes it (default: the Hugging
+            Face model's own ``.loss``). Under CP it receives the sharded batch.
+        labels: ``"hf"`` when the model shifts labels itself, ``"aligned"`` when they are already shifted.
+        load_balance: head/tail sharding of the sequence.
+    """
+    if labels not in ("hf", "aligned"):
+        raise ValueError(f"`labels` must be 'hf' or 'aligned', got {labels!r}.")
+    if batch is None:
+        torch.manual_seed(0)
+        batch = synthetic_batch(model_factory().config.vocab_size, seq_len)
+    seq_len = batch["input_ids"].shape[1]
+    results = run_on_local_ranks(
+        _doctor_worker,
+        model_factory,
+        batch,
+        loss_fn,
+        load_balance,
+        labels == "hf",
+        world_size=cp_size,
+        timeout=timeout,
+    )
+    return _verdict(results, cp_size, seq_len, load_balance, rtol_loss, rtol_grad)
+
+
+def _verdict(
+    results: list[dict[str, Any]], cp_size: int, seq_len: int, load_balance: bool, rtol_loss: float, rtol_grad: float
+) -> DoctorReport:
+    first = results[0]
+    calls = first["calls"]
+    report = DoctorReport(
+        exact=False,
+        cp_size=cp_size,
+        seq_len=seq_len,
+        loss_reference=first["reference_loss"],
+        loss_cp=first.get("loss"),
+        grad_differences=first.get("grad_differences", {}),
+        attention_modules=first["attention_modules"],
+        attention_calls=calls["attention"],
+        ring_calls=calls["ring"],
+        error=first.get("error"),
+    )
+    causes: list[str] = []
+    if report.error is not None:
+        cause = _error_cause(report.error)
+        causes += [cause] if cause else []
+    if report.error is None and (calls["ring"] < calls["attention"] or calls["ring"] == 0):
+        causes.append("local_attention")
+    if report.loss_cp is not None:
+        loss_ok = all(
+            abs(result["loss"] - result["reference_loss"]) <= rtol_loss * abs(result["reference_loss"])
+            for result in results
+        )
+        grads_ok = all(value <= rtol_grad for value in report.grad_differences.values())
+        report.exact = loss_ok and grads_ok and not causes
+        if not report.exact and not causes:
+            for result in results:
+                for cause, value in result.get("fingerprints", []):
+                    if abs(result["loss"] - value) <= 1e-5 * max(abs(value), 1e-12) and cause not in causes:
+                        causes.append(cause)
+    if load_balance and seq_len % (2 * cp_size):
+        causes.append("padded_sequence")
+    report.causes = causes
+    return report
+
+
+def model_from_spec(spec: str) -> nn.Module:
+    """A causal LM from a ``config.json``, a local model folder or a cached hub id, with random weights.
+
+    Random weights are enough to check exactness and need no download; attention runs through SDPA.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(spec)
+    if path.is_file():
+        config_dict = json.loads(path.read_text())
+        model_type = config_dict.pop("model_type")
+        config = AutoConfig.for_model(model_type, **config_dict)
+    else:
+        config = AutoConfig.from_pretrained(spec)
+    config._attn_implementation = "sdpa"
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float()
+
+
+def factory_from_spec(spec: str) -> Callable[[], nn.Module]:
+    """A picklable zero-argument factory for :func:`model_from_spec`."""
+    return functools.partial(model_from_spec, spec)

@@ -1,0 +1,107 @@
+"""The doctor: 'exact' on healthy models, and each known cause named on a setup broken that way."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import llama_with_sdpa_imported_by_name, lm_batch, mistral_with_short_window, shift_labels, tiny_causal_lm
+
+from lightning_cp.doctor import check
+
+
+def _loss_shifting_inside_the_shard(model, batch):
+    """A hand-written LM loss that shifts the batch it is given: under CP, that is a shard."""
+    logits = model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids")).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["input_ids"][:, 1:].flatten())
+
+
+def _mean_over_the_given_labels(model, batch):
+    """A loss that averages over the labels it is given: under CP, one shard's."""
+    logits = model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids")).logits
+    return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_healthy_models_are_exact(family):
+    report = check(functools.partial(tiny_causal_lm, family), lm_batch(seq_len=128))
+    assert report.exact, report.render()
+    assert report.causes == []
+    assert report.ring_calls == report.attention_calls == 2
+    assert len(report.attention_modules) == 2
+
+
+def test_attention_that_bypasses_the_ring_is_named():
+    report = check(llama_with_sdpa_imported_by_name, lm_batch(seq_len=128))
+    assert not report.exact
+    assert "local_attention" in report.causes
+    assert report.ring_calls == 0 and report.attention_calls == 2
+
+
+def test_sliding_window_shorter_than_the_sequence_is_named():
+    report = check(mistral_with_short_window, lm_batch(seq_len=128))
+    assert not report.exact
+    assert report.causes == ["masked_attention"], report.render()
+
+
+def test_labels_shifted_after_sharding_are_named():
+    report = check(
+        functools.partial(tiny_causal_lm, "llama"), lm_batch(seq_len=128), loss_fn=_loss_shifting_inside_the_shard
+    )
+    assert not report.exact
+    assert report.causes == ["labels_shifted_after_sharding"], report.render()
+
+
+def test_loss_that_is_not_token_correct_is_named():
+    batch = lm_batch(seq_len=128)  # aligned labels, a third ignored: the shards hold unequal counts
+    report = check(
+        functools.partial(tiny_causal_lm, "llama"), batch, loss_fn=_mean_over_the_given_labels, labels="aligned"
+    )
+    assert not report.exact
+    assert report.causes == ["loss_not_token_correct"], report.render()
+
+
+def test_sequence_length_the_balancer_would_pad_is_named():
+    report = check(functools.partial(tiny_causal_lm, "llama"), lm_batch(seq_len=130))
+    assert report.exact, report.render()
+    assert report.causes == ["padded_sequence"]
+
+
+def test_command_line_reports_exact_on_a_config(tmp_path):
+    config = {"model_type": "qwen2", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128}
+    config |= {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_cp", "doctor", "--model", str(tmp_path / "config.json"), "--seq-len", "128"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "verdict: EXACT within tolerance" in result.stdout
+    assert "attention calls under CP: 2, through the ring: 2" in result.stdout
+
+
+def test_hf_labels_helper_matches_models_shift():
+    ids = torch.tensor([[1, 2, 3]])
+    assert shift_labels(ids).tolist() == [[2, 3, -100]]
+
+
+def test_command_line_names_the_cause_for_a_factory_module():
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_cp", "doctor", "--module", "models:llama_with_sdpa_imported_by_name"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "verdict: NOT EXACT" in result.stdout
+    assert "likely cause [local_attention]" in result.stdout
