@@ -209,7 +209,7 @@ def _doctor_worker(
         average_replicated_gradients(model, data_context_mesh)
         result["loss"] = float(loss.detach())
         result["grad_differences"] = _relative_grad_differences(model, reference_grads)
-        if "logits" in captured:
+        if "logits" in captured and isinstance(local.get("input_ids"), torch.Tensor):
             result["fingerprints"] = _loss_fingerprints(captured["logits"], local)
     except ValueError as err:
         result["error"] = str(err)
@@ -238,7 +238,7 @@ def check(
         model_factory: builds the model (deterministically: it is seeded with 0 on every rank); it must be
             importable by the spawned processes (a module-level function, or a ``functools.partial`` of one).
         batch: ``input_ids`` and ``labels``; by default random tokens of ``seq_len`` with a third of the
-            labels ignored (the model needs ``config.vocab_size``).
+            labels ignored (the factory then also runs once in this process, to read ``config.vocab_size``).
         loss_fn: ``loss_fn(model, batch) -> loss``, as your training step computes it (default: the Hugging
             Face model's own ``.loss``). Under CP it receives the sharded batch.
         labels: ``"hf"`` when the model shifts labels itself, ``"aligned"`` when they are already shifted.
