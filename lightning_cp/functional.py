@@ -116,6 +116,9 @@ def make_cp_batch_and_ctx(
     ``labels`` are sharded position by position, as given: feed labels already shifted (or
     ``shift_labels``), because a model that shifts labels itself would pair a shard's last token with
     the wrong successor. Enter ``train_ctx()`` around forward *and* backward.
+
+    ``num_chunks`` and ``seq_lens_padding_value`` keep the seed's signature; they belong to the
+    Transformer Engine THD path (``use_te=True``), which is not available yet.
     """
     if use_te:
         raise NotImplementedError(
