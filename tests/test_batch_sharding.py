@@ -170,3 +170,8 @@ def test_right_padding_with_ignored_labels_is_accepted():
         "attention_mask": torch.tensor([[1, 1, 0, 0]]),
     }
     assert validate_cp_batch(batch, require_labels=True) == 4
+
+
+def test_a_length_that_does_not_fit_the_layout_is_refused():
+    with pytest.raises(ValueError, match="Sequence length 6 is not a multiple of 4"):
+        shard_positions(6, 2, 0, load_balance=True)

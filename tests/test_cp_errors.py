@@ -6,9 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from distributed_harness import run_on_ranks
-from models import lm_batch, tiny_causal_lm
+from models import lm_batch, mistral_with_short_window, tiny_causal_lm
 from torch.distributed.device_mesh import init_device_mesh
-from transformers import MistralConfig, MistralForCausalLM
 
 from lightning_cp import attach_context_parallel_hooks, make_cp_batch_and_ctx
 from lightning_cp.dispatch import active_context_parallel, ring_attention
@@ -63,18 +62,7 @@ def _error_cases(rank: int, world_size: int) -> dict:
         (gather_sequence(local_logits, mesh, 1, load_balance=False) - reference).abs().max().item()
     )
 
-    mistral = MistralForCausalLM(
-        MistralConfig(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            sliding_window=64,
-            attn_implementation="sdpa",
-        )
-    )
+    mistral = mistral_with_short_window()
     attach_context_parallel_hooks(mistral)
     results["sliding_window"] = _error_of(lambda: _run_model(mesh, mistral, batch))
 
@@ -91,6 +79,35 @@ def _error_cases(rank: int, world_size: int) -> dict:
             pass
 
     results["nested"] = _error_of(nested)
+
+    def dropout():
+        with ring_attention(mesh):
+            F.scaled_dot_product_attention(q, q, q, dropout_p=0.1, is_causal=True)
+
+    results["dropout"] = _error_of(dropout)
+
+    def sharded_without_cp_ranks():
+        from torch.distributed.fsdp import fully_shard
+
+        from lightning_cp.gradients import check_sharded_parameters
+
+        data_only = init_device_mesh("cpu", (world_size,), mesh_dim_names=("data_parallel",))
+        check_sharded_parameters(fully_shard(torch.nn.Linear(4, 4), mesh=data_only), cp_size=2)
+
+    results["sharded_without_cp_ranks"] = _error_of(sharded_without_cp_ranks)
+
+    def tuple_batch():
+        from lightning_cp.layout import build_device_mesh, resolve_layout
+        from lightning_cp.session import ContextParallelSession
+
+        layout_mesh, data_context = build_device_mesh(resolve_layout(world_size, world_size, 1, 1), torch.device("cpu"))
+        ContextParallelSession(layout_mesh, data_context).shard((batch["input_ids"],), require_labels=True)
+
+    try:
+        tuple_batch()
+        results["tuple_batch"] = None
+    except TypeError as err:
+        results["tuple_batch"] = str(err)
     results["rotate_method"] = _error_of(lambda: make_cp_batch_and_ctx(mesh, batch, rotate_method="ring"))
     return results
 
@@ -109,6 +126,9 @@ def error_results():
         ("sliding_window", "sliding window of 64 tokens, shorter than the sequence \\(128\\)"),
         ("explicit_mask", "cannot apply an explicit `attn_mask`"),
         ("nested", "do not nest"),
+        ("dropout", "does not support attention dropout"),
+        ("sharded_without_cp_ranks", "do not include the context-parallel ranks"),
+        ("tuple_batch", "needs each batch to be a dict"),
         ("rotate_method", "`rotate_method` must be one of"),
     ],
 )

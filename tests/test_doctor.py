@@ -105,3 +105,12 @@ def test_command_line_names_the_cause_for_a_factory_module():
     assert result.returncode == 1, result.stdout + result.stderr
     assert "verdict: NOT EXACT" in result.stdout
     assert "likely cause [local_attention]" in result.stdout
+
+
+def test_bad_arguments_are_refused_before_any_process_starts():
+    with pytest.raises(ValueError, match="`labels` must be 'hf' or 'aligned'"):
+        check(functools.partial(tiny_causal_lm, "llama"), lm_batch(seq_len=128), labels="shifted")
+    from lightning_cp.__main__ import main
+
+    with pytest.raises(SystemExit, match="--module expects 'package.module:factory'"):
+        main(["doctor", "--module", "models"])
