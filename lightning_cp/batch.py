@@ -69,6 +69,11 @@ def _check_trailing_padding(attention_mask: torch.Tensor, batch: dict[str, Any])
         raise ContextParallelBatchError("`loss_mask` must be 0 at padded positions (attention_mask == 0).")
 
 
+def primary_input_key(batch: dict[str, Any]) -> str:
+    """``"input_ids"`` when the batch carries token ids, else ``"inputs_embeds"``."""
+    return "input_ids" if isinstance(batch.get("input_ids"), torch.Tensor) else "inputs_embeds"
+
+
 def validate_cp_batch(batch: dict[str, Any], *, require_labels: bool) -> int:
     """Check that ``batch`` can be sharded for CP and return its sequence length.
 
@@ -85,7 +90,7 @@ def validate_cp_batch(batch: dict[str, Any], *, require_labels: bool) -> int:
             "A CP training batch needs `labels` (or `shift_labels`): they must be sharded together with the inputs."
         )
     fields = _sequence_fields(batch)
-    primary = "input_ids" if has_ids else "inputs_embeds"
+    primary = primary_input_key(batch)
     seq_len, batch_size = fields[primary].size(1), fields[primary].size(0)
     for key, tensor in fields.items():
         dim = sequence_dim(key, tensor)
@@ -166,8 +171,7 @@ def shard_cp_batch(
     padded_len = -(-seq_len // multiple) * multiple
     out = {key: value for key, value in batch.items() if key != "attention_mask"}
     if not isinstance(out.get("position_ids"), torch.Tensor):
-        primary = out["input_ids"] if isinstance(out.get("input_ids"), torch.Tensor) else out["inputs_embeds"]
-        out["position_ids"] = default_position_ids(seq_len, primary.device)
+        out["position_ids"] = default_position_ids(seq_len, out[primary_input_key(out)].device)
     for key, tensor in _sequence_fields(out).items():
         padded = pad_sequence_field(key, tensor, padded_len - seq_len, padding_token_id)
         out[key] = shard_sequence(padded, sequence_dim(key, padded), cp_size, cp_rank, load_balance)

@@ -4,9 +4,9 @@
   module drops its explicit mask (built from the local shard, so meaningless) and runs causal.
   Outside CP the hooks step aside, so the same model still works with masks for evaluation or
   generation.
-* :func:`attach_cp_sdpa_hooks`: with ``torch.compile`` per layer, Dynamo would trace SDPA on plain
-  local tensors and each rank would attend only to its own shard. The hook makes SDPA a graph break
-  that re-wraps the local Q/K/V as sequence-sharded DTensors, so the ring runs.
+* :func:`attach_cp_sdpa_hooks`: with ``torch.compile`` per layer, Dynamo could trace SDPA on plain
+  local tensors and each rank would attend only to its own shard. The hook makes SDPA a graph break,
+  so the ring's SDPA (which re-wraps the local Q/K/V as sequence-sharded DTensors) runs eagerly.
 """
 
 from __future__ import annotations
@@ -18,16 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard
 
-from lightning_cp.cpu_ring import SDPA_SEQ_DIM, check_ring_supported
 from lightning_cp.dispatch import active_context_parallel
 
 #: Hugging Face attention implementations whose attention goes through ``F.scaled_dot_product_attention``.
 _RING_ATTN_IMPLEMENTATIONS = ("sdpa",)
 _HOOKED_MARK = "_lightning_cp_hooked"
-#: The SDPA builtin itself: neither torch's CP wrapper nor ours.
-_builtin_sdpa = torch._C._nn.scaled_dot_product_attention
 
 
 def find_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -162,44 +158,23 @@ def attach_context_parallel_hooks(model: nn.Module) -> list[str]:
     return list(modules)
 
 
-def _ring_sdpa_for(cp_mesh: DeviceMesh) -> Any:
-    @torch._dynamo.disable
-    def ring_sdpa(
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
-        dropout_p: float = 0.0,
-        is_causal: bool = False,
-        *args: Any,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        active = active_context_parallel()
-        if active is None or isinstance(query, DTensor):
-            return _builtin_sdpa(query, key, value, attn_mask, dropout_p, is_causal, *args, **kwargs)
-        check_ring_supported(attn_mask, dropout_p, is_causal, active.load_balance)
-        placement = [Shard(SDPA_SEQ_DIM)]
-        query, key, value = (DTensor.from_local(t, cp_mesh, placement, run_check=False) for t in (query, key, value))
-        return _builtin_sdpa(query, key, value, None, dropout_p, is_causal, *args, **kwargs).to_local()
-
-    return ring_sdpa
-
-
 def attach_cp_sdpa_hooks(model: nn.Module, cp_mesh: DeviceMesh) -> None:
     """Keep the ring running when decoder layers are compiled with ``torch.compile``.
 
     For the duration of each self-attention forward, ``F.scaled_dot_product_attention`` is swapped for
-    a ``torch._dynamo.disable``-d function: Dynamo breaks the graph there, and the function re-wraps
-    the local Q/K/V as DTensors sharded on ``cp_mesh`` (``Shard(2)``) so the ring runs eagerly, while
-    the projections before and after stay compiled. Outside a CP context it is plain SDPA.
+    a ``torch._dynamo.disable``-d call of the SDPA installed at that moment: Dynamo breaks the graph
+    there and never traces SDPA on local tensors. Under a CP context that SDPA is the ring's (it checks
+    its inputs and re-wraps the local Q/K/V as DTensors sharded on the CP mesh); outside it is plain
+    SDPA. The projections before and after stay compiled. ``cp_mesh`` keeps the seed's signature; the
+    ring runs on the mesh of the CP context that is open.
     """
-    ring_sdpa = _ring_sdpa_for(cp_mesh)
     saved: list[Any] = []
 
     @torch._dynamo.disable
     def install(module: nn.Module, args: tuple[Any, ...]) -> None:
-        saved.append(F.scaled_dot_product_attention)
-        F.scaled_dot_product_attention = ring_sdpa
+        installed = F.scaled_dot_product_attention
+        saved.append(installed)
+        F.scaled_dot_product_attention = torch._dynamo.disable(installed)
 
     @torch._dynamo.disable
     def restore(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:

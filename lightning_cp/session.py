@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from lightning_cp.batch import IGNORE_INDEX, shard_cp_batch
+from lightning_cp.batch import IGNORE_INDEX, primary_input_key, shard_cp_batch
 from lightning_cp.consistency import check_same_batch
 from lightning_cp.dispatch import ring_attention
 from lightning_cp.functional import get_train_context
@@ -188,7 +188,7 @@ class ContextParallelSession:
             label_count = count_label_tokens(local[label_key], self.data_context_mesh)
             if label_key == "labels" and self.shift_labels:
                 local["shift_labels"] = local["labels"]
-        primary = source["input_ids"] if isinstance(source.get("input_ids"), torch.Tensor) else source["inputs_embeds"]
+        primary = source[primary_input_key(source)]
         batch.clear()
         batch.update(local)
         self.current = ShardedStep(primary.size(1), padded_len, primary.size(0), label_count)

@@ -6,6 +6,8 @@ import torch
 from torch.nn.functional import scaled_dot_product_attention as sdpa_imported_by_name
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
+from lightning_cp.session import shift_labels
+
 _TINY = dict(
     vocab_size=256,
     hidden_size=64,
@@ -24,11 +26,6 @@ def tiny_causal_lm(family: str = "llama", seed: int = 0, **overrides: object) ->
     config_cls, model_cls = _FAMILIES[family]
     torch.manual_seed(seed)
     return model_cls(config_cls(**{**_TINY, **overrides})).float()
-
-
-def shift_labels(input_ids: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Next-token labels aligned with their positions: ``labels[i] = input_ids[i + 1]``, last ignored."""
-    return torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], ignore_index)], dim=1)
 
 
 def lm_batch(batch_size: int = 2, seq_len: int = 130, ignored_share: float = 1 / 3, seed: int = 0) -> dict:
