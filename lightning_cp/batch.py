@@ -121,7 +121,8 @@ def default_position_ids(seq_len: int, device: torch.device) -> torch.Tensor:
     return torch.arange(seq_len, device=device).unsqueeze(0)
 
 
-def _pad_value(key: str, padding_token_id: int) -> int | bool:
+def pad_value_for(key: str, padding_token_id: int) -> int | bool:
+    """The value that pads batch field ``key`` without changing its meaning."""
     return {
         "input_ids": padding_token_id,
         "padding_mask": True,
@@ -147,7 +148,7 @@ def pad_sequence_field(key: str, tensor: torch.Tensor, pad_len: int, padding_tok
     else:
         shape = list(tensor.shape)
         shape[dim] = pad_len
-        extra = tensor.new_full(shape, _pad_value(key, padding_token_id))
+        extra = tensor.new_full(shape, pad_value_for(key, padding_token_id))
     return torch.cat([tensor, extra], dim=dim)
 
 

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 
 from lightning_cp.cpu_ring import _cp_attention_module, check_ring_supported
+from lightning_cp.document_ring import document_masked_attention
+from lightning_cp.packing import PackedLayout
 
 ROTATE_METHODS: tuple[str, ...] = ("allgather", "alltoall")
 
@@ -28,8 +30,10 @@ class ActiveContextParallel:
 
     mesh: DeviceMesh
     load_balance: bool
-    #: Length of the whole (padded) sequence across the CP group, when the batch was sharded by us.
+    #: Longest span one query can attend (the padded sequence, or the longest packed document), when known.
     global_seq_len: int | None
+    #: The documents of a packed batch, when attention is document-masked.
+    documents: PackedLayout | None = None
 
 
 _active: ActiveContextParallel | None = None
@@ -67,6 +71,26 @@ def _guarded(sdpa: Callable[..., torch.Tensor], load_balance: bool) -> Callable[
     return guarded_sdpa
 
 
+def _document_sdpa(layout: PackedLayout, cp_mesh: DeviceMesh) -> Callable[..., torch.Tensor]:
+    """An SDPA replacement that runs the document-masked ring over ``cp_mesh`` for ``layout``."""
+    group = cp_mesh.get_group()
+
+    def document_masked_sdpa(
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ) -> torch.Tensor:
+        check_ring_supported(attn_mask, dropout_p, is_causal=True, load_balance=False)
+        return document_masked_attention(query, key, value, layout, group, is_causal=is_causal, scale=scale)
+
+    return document_masked_sdpa
+
+
 @contextmanager
 def ring_attention(
     cp_mesh: DeviceMesh,
@@ -74,12 +98,15 @@ def ring_attention(
     load_balance: bool = True,
     rotate_method: str = "allgather",
     global_seq_len: int | None = None,
+    documents: PackedLayout | None = None,
 ) -> Iterator[None]:
     """Route ``F.scaled_dot_product_attention`` through the ring over ``cp_mesh`` while open.
 
     Q/K/V given to SDPA are taken as this rank's sequence shards. ``load_balance`` must match how the
-    inputs were sharded (head/tail chunks when ``True``, contiguous chunks when ``False``). Backward
-    passes must run inside the context: the ring's backward is dispatched through it as well.
+    inputs were sharded (head/tail chunks when ``True``, contiguous chunks when ``False``). With
+    ``documents`` (a packed batch sharded by :func:`lightning_cp.packing.shard_packed_batch`), the
+    document-masked ring runs instead of torch's. Backward passes must run inside the context: the
+    ring's backward is dispatched through it as well.
     """
     global _active
     if _active is not None:
@@ -96,8 +123,11 @@ def ring_attention(
         attention.set_rotate_method(validate_rotate_method(rotate_method))
         attention._enable_context_parallel_dispatcher_impl(seq_dim=2, mesh=cp_mesh)
         torch_ring_sdpa = F.scaled_dot_product_attention
-        F.scaled_dot_product_attention = _guarded(torch_ring_sdpa, load_balance)
-        _active = ActiveContextParallel(cp_mesh, load_balance, global_seq_len)
+        if documents is None:
+            F.scaled_dot_product_attention = _guarded(torch_ring_sdpa, load_balance)
+        else:
+            F.scaled_dot_product_attention = _document_sdpa(documents, cp_mesh)
+        _active = ActiveContextParallel(cp_mesh, load_balance, global_seq_len, documents)
         yield
     finally:
         _active = None

@@ -24,10 +24,12 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lightning_cp.batch import shard_cp_batch
+from lightning_cp.batch import shard_cp_batch, validate_cp_batch
 from lightning_cp.cpu_ring import _cp_attention_module
 from lightning_cp.dispatch import ring_attention, validate_rotate_method
 from lightning_cp.mesh import cp_submesh, mesh_size
+from lightning_cp.packing import document_lengths, is_packed, plan_packed_layout, shard_packed_batch
+from lightning_cp.te_batch import make_cp_batch_for_te
 
 #: SDPA kernels that torch's ring can run (CPU's flash kernel counts as FLASH_ATTENTION).
 RING_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
@@ -117,30 +119,42 @@ def make_cp_batch_and_ctx(
     ``shift_labels``), because a model that shifts labels itself would pair a shard's last token with
     the wrong successor. Enter ``train_ctx()`` around forward *and* backward.
 
-    ``num_chunks`` and ``seq_lens_padding_value`` keep the seed's signature; they belong to the
-    Transformer Engine THD path (``use_te=True``), which is not available yet.
+    A packed batch (``cu_seqlens`` / ``seq_lens`` keys, or ``position_ids`` that restart per document)
+    is laid out per document and attention is masked per document (:mod:`lightning_cp.packing`).
+    ``use_te=True`` instead returns this rank's THD batch for Transformer Engine attention, which runs
+    its own ring, as :func:`lightning_cp.te_batch.make_cp_batch_for_te` describes (``num_chunks`` and
+    ``seq_lens_padding_value`` apply there).
     """
-    if use_te:
-        raise NotImplementedError(
-            "The Transformer Engine THD path (`use_te=True`) is not available yet; use the SDPA ring (use_te=False)."
-        )
     cp_mesh = cp_submesh(device_mesh)
+    if use_te:
+        te_batch = make_cp_batch_for_te(
+            cp_mesh,
+            batch,
+            padding_token_id=padding_token_id,
+            num_chunks=num_chunks,
+            seq_lens_padding_value=seq_lens_padding_value,
+        )
+        return get_train_context(enable_loss_parallel, False), te_batch
     if mesh_size(cp_mesh) <= 1:
         return get_train_context(enable_loss_parallel, False), batch
     if loss_mask is not None:
         batch = {**batch, "loss_mask": loss_mask}
-    sharded, padded_len = shard_cp_batch(
-        batch,
-        cp_mesh.size(),
-        cp_mesh.get_local_rank(),
-        load_balance=load_balance,
-        padding_token_id=padding_token_id,
-    )
+    cp_size, cp_rank = cp_mesh.size(), cp_mesh.get_local_rank()
+    layout = None
+    if is_packed(batch):
+        validate_cp_batch(batch, require_labels=True)
+        layout = plan_packed_layout(document_lengths(batch), cp_size, load_balance)
+        sharded = shard_packed_batch(batch, layout, cp_rank, padding_token_id=padding_token_id)
+        span = layout.longest_document
+    else:
+        sharded, span = shard_cp_batch(
+            batch, cp_size, cp_rank, load_balance=load_balance, padding_token_id=padding_token_id
+        )
     validate_rotate_method(rotate_method)
 
     def train_ctx() -> AbstractContextManager[None]:
         ring = ring_attention(
-            cp_mesh, load_balance=load_balance, rotate_method=rotate_method, global_seq_len=padded_len
+            cp_mesh, load_balance=load_balance, rotate_method=rotate_method, global_seq_len=span, documents=layout
         )
         return get_train_context(enable_loss_parallel, False, ring)()
 

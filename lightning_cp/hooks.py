@@ -95,7 +95,7 @@ def _causal_pre_hook(
         return None
     _check_window(module, active.global_seq_len)
     causal = bool(getattr(module, "is_causal", True))
-    if not causal and active.load_balance:
+    if not causal and active.load_balance and active.documents is None:
         raise ValueError(
             f"`{type(module).__name__}` is not causal (is_causal=False); context parallelism with load balancing"
             " only supports causal attention. Turn load balancing off for bidirectional attention."

@@ -18,14 +18,25 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from lightning_cp.batch import IGNORE_INDEX, primary_input_key, shard_cp_batch
+from lightning_cp.batch import IGNORE_INDEX, primary_input_key, shard_cp_batch, validate_cp_batch
 from lightning_cp.consistency import check_same_batch
 from lightning_cp.dispatch import ring_attention
 from lightning_cp.functional import get_train_context
 from lightning_cp.hooks import attach_context_parallel_hooks
 from lightning_cp.layout import CONTEXT_PARALLEL
 from lightning_cp.loss import count_label_tokens, token_loss_sum
+from lightning_cp.packing import (
+    PackedLayout,
+    document_ids,
+    document_lengths,
+    gather_packed,
+    is_packed,
+    plan_packed_layout,
+    shard_packed_batch,
+    shift_labels_within_documents,
+)
 from lightning_cp.sharding import gather_sequence
+from lightning_cp.te_batch import make_cp_batch_for_te, padded_packed_batch
 
 
 @dataclass
@@ -37,6 +48,10 @@ class ShardedStep:
     batch_size: int
     #: Valid (non-ignored) labels of this micro-batch over all data × context ranks, or ``None``.
     label_count: torch.Tensor | None
+    #: The documents of a packed micro-batch (attention is then masked per document).
+    layout: PackedLayout | None = None
+    #: Whether the micro-batch went to Transformer Engine in THD format (TE runs its own ring).
+    thd: bool = False
     used_model_loss: bool = False
 
 
@@ -58,6 +73,8 @@ class ContextParallelSession:
         padding_token_id: id padded into ``input_ids`` to reach a multiple of ``2 * cp``.
         check_batch_every_n_steps: compare the CP group's batches on the first step and every n-th
             step after; 0 turns the check off.
+        transformer_engine: send packed batches to Transformer Engine attention in THD format instead of
+            the document-masked ring; ``None`` decides per model (TE attention modules present or not).
     """
 
     def __init__(
@@ -70,6 +87,7 @@ class ContextParallelSession:
         shift_labels: bool = True,
         padding_token_id: int = 0,
         check_batch_every_n_steps: int = 100,
+        transformer_engine: bool | None = None,
     ) -> None:
         self.device_mesh = device_mesh
         self.cp_mesh = device_mesh[CONTEXT_PARALLEL]
@@ -79,6 +97,7 @@ class ContextParallelSession:
         self.shift_labels = shift_labels
         self.padding_token_id = padding_token_id
         self.check_batch_every_n_steps = check_batch_every_n_steps
+        self.transformer_engine = transformer_engine
         self.current: ShardedStep | None = None
         self._prepared: set[int] = set()
         self._context: ExitStack | None = None
@@ -95,6 +114,8 @@ class ContextParallelSession:
                 " runs through `F.scaled_dot_product_attention`; build Hugging Face models with"
                 " `attn_implementation='sdpa'`."
             )
+        if self.transformer_engine is None:
+            self.transformer_engine = uses_transformer_engine_attention(module)
         if id(module) not in self._prepared:
             for submodule in module.modules():
                 if _is_hf_model(submodule):
@@ -171,41 +192,68 @@ class ContextParallelSession:
             check_same_batch(batch, self.cp_mesh, _device_of(batch))
         self._batches_seen += 1
         source = dict(batch)
-        labels = source.get("labels")
-        if self.shift_labels and isinstance(labels, torch.Tensor) and "shift_labels" not in source:
-            source["labels"] = shift_labels(labels)
-        local, padded_len = shard_cp_batch(
-            source,
-            self.cp_mesh.size(),
-            self.cp_mesh.get_local_rank(),
-            load_balance=self.load_balance,
-            padding_token_id=self.padding_token_id,
-            require_labels=require_labels,
-        )
+        if is_packed(source):
+            local, layout, padded_len = self._shard_packed(source, require_labels)
+        else:
+            layout = None
+            if self.shift_labels and isinstance(source.get("labels"), torch.Tensor) and "shift_labels" not in source:
+                source["labels"] = shift_labels(source["labels"])
+            local, padded_len = shard_cp_batch(
+                source,
+                self.cp_mesh.size(),
+                self.cp_mesh.get_local_rank(),
+                load_balance=self.load_balance,
+                padding_token_id=self.padding_token_id,
+                require_labels=require_labels,
+            )
+        thd = layout is not None and bool(self.transformer_engine)
         label_key = "shift_labels" if isinstance(local.get("shift_labels"), torch.Tensor) else "labels"
         label_count = None
         if isinstance(local.get(label_key), torch.Tensor):
             label_count = count_label_tokens(local[label_key], self.data_context_mesh)
-            if label_key == "labels" and self.shift_labels:
+            if label_key == "labels" and self.shift_labels and not thd:
                 local["shift_labels"] = local["labels"]
         primary = source[primary_input_key(source)]
         batch.clear()
         batch.update(local)
-        self.current = ShardedStep(primary.size(1), padded_len, primary.size(0), label_count)
+        self.current = ShardedStep(primary.size(1), padded_len, primary.size(0), label_count, layout, thd)
         return self.current
+
+    def _shard_packed(self, source: dict[str, Any], require_labels: bool) -> tuple[dict[str, Any], PackedLayout, int]:
+        """Shard a packed batch: per document for the masked ring, or into TE's THD format."""
+        validate_cp_batch(source, require_labels=require_labels)
+        lengths = document_lengths(source)
+        labels = source.get("labels")
+        if self.shift_labels and isinstance(labels, torch.Tensor) and "shift_labels" not in source:
+            source["labels"] = shift_labels_within_documents(labels, document_ids(lengths, labels.device))
+        cp_size, cp_rank = self.cp_mesh.size(), self.cp_mesh.get_local_rank()
+        if self.transformer_engine:
+            layout = plan_packed_layout(lengths, cp_size, load_balance=True)
+            padded = padded_packed_batch(source, layout, self.padding_token_id)
+            return (
+                make_cp_batch_for_te(self.cp_mesh, padded, padding_token_id=self.padding_token_id),
+                layout,
+                layout.padded_len,
+            )
+        layout = plan_packed_layout(lengths, cp_size, self.load_balance)
+        local = shard_packed_batch(source, layout, cp_rank, padding_token_id=self.padding_token_id)
+        return local, layout, layout.padded_len
 
     def open(self) -> None:
         """Switch ring attention on (restricted to the SDPA kernels the ring supports) until :meth:`close`."""
         self.close()
         assert self.current is not None, "shard a batch before opening the CP context"
         stack = ExitStack()
-        ring = ring_attention(
-            self.cp_mesh,
-            load_balance=self.load_balance,
-            rotate_method=self.rotate_method,
-            global_seq_len=self.current.padded_len,
-        )
-        stack.enter_context(get_train_context(False, False, ring)())
+        if not self.current.thd:  # Transformer Engine's attention runs its own ring
+            layout = self.current.layout
+            ring = ring_attention(
+                self.cp_mesh,
+                load_balance=self.load_balance,
+                rotate_method=self.rotate_method,
+                global_seq_len=self.current.padded_len if layout is None else layout.longest_document,
+                documents=layout,
+            )
+            stack.enter_context(get_train_context(False, False, ring)())
         self._context = stack
 
     def close(self) -> None:
@@ -244,10 +292,20 @@ class ContextParallelSession:
         return output
 
     def _gather(self, tensor: torch.Tensor, step: ShardedStep) -> torch.Tensor:
-        if tensor.ndim < 2 or tensor.size(1) * self.cp_mesh.size() != step.padded_len:
+        if step.thd or tensor.ndim < 2 or tensor.size(1) * self.cp_mesh.size() != step.padded_len:
             return tensor
+        if step.layout is not None:
+            return gather_packed(tensor, step.layout, self.cp_mesh, seq_dim=1)
         full = gather_sequence(tensor, self.cp_mesh, 1, self.load_balance)
         return full.narrow(1, 0, step.seq_len)
+
+
+def uses_transformer_engine_attention(module: nn.Module) -> bool:
+    """Whether ``module`` contains Transformer Engine attention (which runs its own CP ring)."""
+    return any(
+        type(submodule).__module__.startswith("transformer_engine") and "Attention" in type(submodule).__name__
+        for submodule in module.modules()
+    )
 
 
 def _is_hf_model(module: nn.Module) -> bool:

@@ -18,7 +18,7 @@ def _run(*args: str) -> str:
     return result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("example", ["trainer_llama_cp.py", "fabric_llama_cp.py"])
+@pytest.mark.parametrize("example", ["trainer_llama_cp.py", "fabric_llama_cp.py", "packed_sequences_cp.py"])
 def test_lightning_examples_train_and_print_losses(example):
     log = _run(f"examples/{example}", "--steps", "3", "--seq-len", "256")
     losses = [float(v) for v in re.findall(r"step \d+: loss ([0-9.]+)", log)]
@@ -31,7 +31,9 @@ def test_functional_example_matches_cp1():
     assert difference < 1e-5
 
 
-@pytest.mark.parametrize("example", ["trainer_llama_cp.py", "fabric_llama_cp.py", "functional_llama_cp.py"])
+@pytest.mark.parametrize(
+    "example", ["trainer_llama_cp.py", "fabric_llama_cp.py", "functional_llama_cp.py", "packed_sequences_cp.py"]
+)
 def test_examples_explain_themselves(example):
     assert "usage:" in _run(f"examples/{example}", "--help")
 

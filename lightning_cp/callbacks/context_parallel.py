@@ -59,10 +59,14 @@ class ContextParallelCallback(Callback):
         step = session.shard(batch, require_labels=require_labels)
         if not self._announced:
             self._announced = True
+            packing = (
+                "" if step.layout is None else f"; {step.layout.num_documents} packed documents, masked per document"
+            )
             rank_zero_info(
                 f"lightning_cp: {trainer.strategy.layout.describe()}; sequence {step.seq_len} tokens"  # type: ignore[attr-defined]
                 f" (padded to {step.padded_len}) -> {step.padded_len // session.cp_mesh.size()} per rank"
                 f"{', load balanced' if session.load_balance else ''}, ring rotation {session.rotate_method}"
+                f"{packing}"
             )
         session.open()
 
