@@ -19,20 +19,21 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import STRATEGY_REGISTRY
 from lightning.fabric.strategies import ModelParallelStrategy as FabricModelParallelStrategy
 from lightning.fabric.utilities.rank_zero import rank_zero_info
-from lightning.fabric.utilities.types import Optimizable
+from lightning.fabric.utilities.types import _PATH, Optimizable
 from torch import nn
 from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
+from lightning_cp.checkpoint import is_replicated_state, load_replicated_checkpoint, save_replicated_checkpoint
 from lightning_cp.gradients import average_replicated_gradients, check_sharded_parameters
 from lightning_cp.layout import Size
-from lightning_cp.strategy_base import ContextParallelMixin
+from lightning_cp.strategy_base import DEFAULT_COLLECTIVE_TIMEOUT, ContextParallelMixin
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -52,7 +53,8 @@ class ContextParallelStrategy(ContextParallelMixin, FabricModelParallelStrategy)
         cp_size, data_parallel_size, tensor_parallel_size, rotate_method, load_balance, shift_labels,
         padding_token_id, check_batch_every_n_steps: as in
         :class:`lightning_cp.strategy.ContextParallelStrategy`.
-        save_distributed_checkpoint, process_group_backend, timeout: as in Fabric's ``ModelParallelStrategy``.
+        timeout: how long a collective may wait for the other ranks before the job fails (default 10 min).
+        save_distributed_checkpoint, process_group_backend: as in Fabric's ``ModelParallelStrategy``.
     """
 
     def __init__(
@@ -68,7 +70,7 @@ class ContextParallelStrategy(ContextParallelMixin, FabricModelParallelStrategy)
         check_batch_every_n_steps: int = 100,
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
-        timeout: timedelta | None = default_pg_timeout,
+        timeout: timedelta | None = DEFAULT_COLLECTIVE_TIMEOUT,
     ) -> None:
         super().__init__(
             parallelize_fn=parallelize_fn or _replicate,
@@ -112,6 +114,35 @@ class ContextParallelStrategy(ContextParallelMixin, FabricModelParallelStrategy)
         for module in self._modules:
             average_replicated_gradients(module, self.data_context_mesh)
         return super().optimizer_step(optimizer, **kwargs)
+
+    @override
+    def save_checkpoint(
+        self,
+        path: _PATH,
+        state: dict[str, Any],
+        storage_options: Any | None = None,
+        filter: dict[str, Callable[[str, Any], bool]] | None = None,
+    ) -> None:
+        """As Fabric's, and also for a replicated model (sharded directory, or one file if not distributed)."""
+        if storage_options is not None or filter is not None or not is_replicated_state(state):
+            return super().save_checkpoint(path, state, storage_options=storage_options, filter=filter)
+        consolidated = not self._save_distributed_checkpoint
+        save_replicated_checkpoint(Path(self.broadcast(path)), state, consolidated=consolidated, rank=self.global_rank)
+        self.barrier("lightning_cp_save_checkpoint")
+        return None
+
+    @override
+    def load_checkpoint(
+        self,
+        path: _PATH,
+        state: nn.Module | Any | dict[str, Any] | None = None,
+        strict: bool = True,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        """As Fabric's, and also into a replicated model; any layout's checkpoint loads into any other."""
+        if not isinstance(state, dict) or not is_replicated_state(state):
+            return super().load_checkpoint(path, state, strict=strict, weights_only=weights_only)
+        return load_replicated_checkpoint(Path(self.broadcast(path)), state, strict=strict, weights_only=weights_only)
 
     @contextmanager
     def context_parallel(

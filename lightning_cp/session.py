@@ -8,6 +8,7 @@ token-correct here, so a ``training_step`` that returns ``model(**batch).loss`` 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -272,13 +273,38 @@ class ContextParallelSession:
     def step(
         self, batch: MutableMapping[str, Any], *, require_labels: bool = True
     ) -> Iterator[MutableMapping[str, Any]]:
-        """Shard ``batch`` (in place) and keep ring attention on for the body: forward *and* backward."""
-        self.shard(batch, require_labels=require_labels)
-        self.open()
+        """Shard ``batch`` (in place) and keep ring attention on for the body: forward *and* backward.
+
+        An exception in the body switches ring attention off and is reported with this rank's place
+        in the mesh (:meth:`report_failure`) before it propagates.
+        """
         try:
+            self.shard(batch, require_labels=require_labels)
+            self.open()
             yield batch
+        except BaseException as error:
+            self.report_failure(error)
+            raise
         finally:
             self.finish()
+
+    def report_failure(self, error: BaseException) -> None:
+        """Write to stderr which rank failed and how, so a multi-process log says where a job died.
+
+        A rank that only lost a peer in a collective says so instead of claiming the failure.
+        """
+        mesh = self.device_mesh
+        place = (
+            f"rank {dist.get_rank()} (data-parallel rank {mesh.get_local_rank('data_parallel')},"
+            f" context-parallel rank {self.cp_mesh.get_local_rank()})"
+        )
+        if isinstance(error, dist.DistError) or "Connection closed by peer" in str(error):
+            what = (
+                "lost a peer in a collective: another rank failed or died (its error, if it wrote one, is in the log)"
+            )
+        else:
+            what = f"failed: {type(error).__name__}: {error}"
+        print(f"lightning_cp: {place} {what}", file=sys.stderr, flush=True)
 
     def gather_outputs(self, output: Any) -> Any:
         """Gather sequence-sharded outputs (a tensor, or ``logits`` of a dict/model output) to full length."""

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.init import _materialize_distributed_module
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -18,9 +19,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_cp.checkpoint import is_replicated_state, load_replicated_checkpoint
 from lightning_cp.gradients import average_replicated_gradients, check_sharded_parameters
 from lightning_cp.layout import Size
-from lightning_cp.strategy_base import ContextParallelMixin
+from lightning_cp.strategy_base import DEFAULT_COLLECTIVE_TIMEOUT, ContextParallelMixin
 
 
 class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
@@ -45,7 +47,8 @@ class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
         check_batch_every_n_steps: compare the CP group's batches on the first and every n-th batch
             (0: never).
         gather_predictions: gather predicted logits back to the full sequence in ``predict``.
-        save_distributed_checkpoint, process_group_backend, timeout: as in ``ModelParallelStrategy``.
+        timeout: how long a collective may wait for the other ranks before the job fails (default 10 min).
+        save_distributed_checkpoint, process_group_backend: as in ``ModelParallelStrategy``.
     """
 
     def __init__(
@@ -61,7 +64,7 @@ class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
         gather_predictions: bool = True,
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
-        timeout: timedelta | None = default_pg_timeout,
+        timeout: timedelta | None = DEFAULT_COLLECTIVE_TIMEOUT,
     ) -> None:
         super().__init__(
             data_parallel_size=data_parallel_size,
@@ -133,6 +136,21 @@ class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
             return result
 
         return super().optimizer_step(optimizer, closure_then_average_gradients, model, **kwargs)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        """As ``ModelParallelStrategy``'s, and also into a replicated model: resume with any layout."""
+        state = {"state_dict": self.model, **{f"optimizer_{i}": opt for i, opt in enumerate(self.optimizers)}}
+        if not is_replicated_state(state):
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        assert self.lightning_module is not None
+        return load_replicated_checkpoint(
+            Path(self.broadcast(checkpoint_path)),
+            state,
+            strict=self.lightning_module.strict_loading,
+            weights_only=weights_only,
+            optimizer_states_from_list=True,
+        )
 
     @override
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:

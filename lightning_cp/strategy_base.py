@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -12,6 +13,11 @@ from lightning_cp.session import ContextParallelSession
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
+
+#: Default timeout of the process group's collectives. A CP ring runs collectives in every attention
+#: layer, so a rank that hangs stalls all the others at once; torch's 30 minutes is a long wait for
+#: that. Checkpointing a large model takes collectives too: raise it (``timeout=``) if that is slow.
+DEFAULT_COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 
 
 class ContextParallelMixin:

@@ -124,3 +124,4 @@ class ContextParallelCallback(Callback):
         session = getattr(trainer.strategy, "_session", None)
         if session is not None:
             session.finish()
+            session.report_failure(exception)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from datetime import timedelta
 
 import lightning as L
 import torch
@@ -35,6 +37,10 @@ class LlamaModule(L.LightningModule):
             fully_shard(self.model, mesh=mesh)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if batch_idx == 1 and self.global_rank == self.args.fail_rank:
+            if self.args.die:
+                os._exit(3)  # a rank that dies without a word
+            raise RuntimeError("injected failure")
         loss = self.model(**batch).loss
         self.log("train_loss", loss)
         self.train_losses.append(loss.detach().clone())
@@ -54,7 +60,7 @@ class LlamaModule(L.LightningModule):
         return self.model(**batch).logits
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.args.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.args.lr, momentum=self.args.momentum)
 
     def _loader(self, count: int) -> DataLoader:
         samples = hf_style_samples(count, self.args.seq_len)
@@ -75,6 +81,14 @@ class LlamaModule(L.LightningModule):
         return self._loader(BATCH_SIZE)
 
 
+def _checkpointing(args: argparse.Namespace) -> list:
+    if not args.save_dir:
+        return []
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return [ModelCheckpoint(dirpath=args.save_dir, filename="{epoch}", every_n_epochs=1, save_top_k=-1)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -85,6 +99,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1.0)
+    parser.add_argument("--momentum", type=float, default=0.0)
     parser.add_argument("--seq-len", type=int, default=130)
     parser.add_argument("--global-rank-sampler", action="store_true")
     parser.add_argument("--validate", action="store_true")
@@ -92,6 +107,13 @@ def main() -> None:
     parser.add_argument("--manual", action="store_true", help="manual optimization in training_step")
     parser.add_argument("--no-callback", action="store_true")
     parser.add_argument("--no-attention", action="store_true")
+    parser.add_argument("--epochs", type=int, default=0, help="train this many epochs of --steps steps each")
+    parser.add_argument("--save-dir", help="save a checkpoint at the end of every epoch into this directory")
+    parser.add_argument("--consolidated", action="store_true", help="single-file checkpoints")
+    parser.add_argument("--resume", help="checkpoint to resume from")
+    parser.add_argument("--fail-rank", type=int, default=-1, help="this rank raises in its second training step")
+    parser.add_argument("--die", action="store_true", help="with --fail-rank: the rank exits instead of raising")
+    parser.add_argument("--timeout", type=float, default=600, help="collective timeout in seconds")
     args = parser.parse_args()
 
     module = LlamaModule(args)
@@ -100,14 +122,20 @@ def main() -> None:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
-        strategy=ContextParallelStrategy(cp_size=args.cp, data_parallel_size=args.dp),
-        callbacks=[] if args.no_callback else [ContextParallelCallback()],
-        max_steps=args.steps,
+        strategy=ContextParallelStrategy(
+            cp_size=args.cp,
+            data_parallel_size=args.dp,
+            save_distributed_checkpoint=not args.consolidated,
+            timeout=timedelta(seconds=args.timeout),
+        ),
+        callbacks=([] if args.no_callback else [ContextParallelCallback()]) + _checkpointing(args),
+        max_steps=-1 if args.epochs else args.steps,
+        max_epochs=args.epochs or None,
         accumulate_grad_batches=args.accumulate,
         use_distributed_sampler=not args.global_rank_sampler,
         num_sanity_val_steps=0,
         limit_val_batches=2 if args.validate else 0,
-        enable_checkpointing=False,
+        enable_checkpointing=bool(args.save_dir),
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -119,7 +147,7 @@ def main() -> None:
     elif args.predict:
         result["predictions"] = trainer.predict(module)
     else:
-        trainer.fit(module)
+        trainer.fit(module, ckpt_path=args.resume)
         result["losses"] = torch.stack(module.train_losses)
         result["logged_train_loss"] = trainer.callback_metrics["train_loss"].clone()
         result["tokens_per_sec_logged"] = "tokens_per_sec" in trainer.callback_metrics

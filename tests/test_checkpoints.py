@@ -1,0 +1,77 @@
+"""Checkpoints of CP training (real 2-process Trainer launches): resume bit-exactly, or with another layout.
+
+A run trains 3 epochs of 2 SGD steps with cp=2 and saves a checkpoint after every epoch; the resumed
+runs start from the first one and must reproduce the uninterrupted run's remaining 4 losses and its
+final weights: bit for bit with the same layout, within fp32 tolerance with another one.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+
+from common import run_script  # noqa: E402
+
+# momentum: the optimizer has state that must come back too
+EPOCHS = ("--epochs", "3", "--steps", "2", "--lr", "0.5", "--momentum", "0.9")
+# how the model is laid out over the data × context ranks, and whether checkpoints are one file
+SAVED = {"replicate": ("--layout", "replicate"), "fsdp": ("--layout", "fsdp"), "replicate-file": ("--consolidated",)}
+_runs: dict[str, tuple[dict, Path]] = {}
+
+
+def _train(out: Path, *args: str) -> dict:
+    result = run_script("trainer_llama.py", "--out", str(out), *EPOCHS, *args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return torch.load(out, weights_only=False)
+
+
+def _uninterrupted(name: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    """The uninterrupted cp=2 run of a saved configuration, and its first checkpoint (after 2 steps)."""
+    if name not in _runs:
+        directory = tmp_path_factory.mktemp(name)
+        run = _train(directory / "full.pt", *SAVED[name], "--save-dir", str(directory / "checkpoints"))
+        checkpoint = directory / "checkpoints" / "epoch=0.ckpt"
+        assert checkpoint.is_dir() == (name != "replicate-file"), "sharded directory, or one file on request"
+        _runs[name] = run, checkpoint
+    return _runs[name]
+
+
+@pytest.mark.parametrize("name", list(SAVED))
+def test_resume_with_the_same_layout_is_bit_exact(tmp_path, tmp_path_factory, name):
+    full, checkpoint = _uninterrupted(name, tmp_path_factory)
+    resumed = _train(tmp_path / "resumed.pt", *SAVED[name], "--resume", str(checkpoint))
+    assert torch.equal(resumed["losses"], full["losses"][2:])
+    for key, weight in full["weights"].items():
+        assert torch.equal(resumed["weights"][key], weight), key
+
+
+@pytest.mark.parametrize(
+    "name,devices,cp,layout",
+    [
+        ("fsdp", 1, 1, "fsdp"),  # sharded over 2 ranks -> one process without CP
+        ("fsdp", 4, 4, "fsdp"),  # resharded from 2 to 4 ranks, cp=4
+        ("replicate", 1, 1, "replicate"),
+        ("replicate-file", 4, 4, "fsdp"),  # one file from a replicated model -> FSDP2 over 4 ranks
+    ],
+)
+def test_resume_with_another_layout(tmp_path, tmp_path_factory, name, devices, cp, layout):
+    full, checkpoint = _uninterrupted(name, tmp_path_factory)
+    resumed = _train(
+        tmp_path / "resumed.pt",
+        "--devices",
+        str(devices),
+        "--cp",
+        str(cp),
+        "--layout",
+        layout,
+        "--resume",
+        str(checkpoint),
+    )
+    torch.testing.assert_close(resumed["losses"], full["losses"][2:], rtol=1e-5, atol=0)
+    for key, weight in full["weights"].items():
+        torch.testing.assert_close(resumed["weights"][key], weight, rtol=1e-4, atol=1e-6, msg=key)
