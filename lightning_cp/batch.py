@@ -13,6 +13,9 @@ from typing import Any
 import torch
 
 from lightning_cp.sharding import shard_multiple, shard_sequence
+from lightning_cp.validation import ContextParallelBatchError, check_sequence_fits
+
+__all__ = ["ContextParallelBatchError"]
 
 #: Label value that losses skip (Hugging Face and torch's cross-entropy default).
 IGNORE_INDEX = -100
@@ -27,10 +30,6 @@ SEQUENCE_KEYS: tuple[str, ...] = (
     "padding_mask",
 )
 _LABEL_KEYS = ("labels", "shift_labels")
-
-
-class ContextParallelBatchError(ValueError):
-    """A batch that context parallelism cannot shard without changing the result."""
 
 
 def sequence_dim(key: str, tensor: torch.Tensor) -> int:
@@ -106,6 +105,8 @@ def validate_cp_batch(batch: dict[str, Any], *, require_labels: bool) -> int:
             )
     if seq_len == 0:
         raise ContextParallelBatchError("Cannot shard an empty sequence (length 0).")
+    if batch_size == 0:
+        raise ContextParallelBatchError("Cannot shard an empty batch (0 rows).")
     attention_mask = batch.get("attention_mask")
     if isinstance(attention_mask, torch.Tensor):
         if attention_mask.ndim == 2 and attention_mask.shape != (batch_size, seq_len):
@@ -168,6 +169,7 @@ def shard_cp_batch(
     that are not laid out along the sequence pass through unchanged. The input is not modified.
     """
     seq_len = validate_cp_batch(batch, require_labels=require_labels)
+    check_sequence_fits(seq_len, cp_size, load_balance)
     multiple = shard_multiple(cp_size, load_balance)
     padded_len = -(-seq_len // multiple) * multiple
     out = {key: value for key, value in batch.items() if key != "attention_mask"}

@@ -27,6 +27,8 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.distributed.tensor._utils import compute_global_tensor_info
 
+from lightning_cp.validation import check_ring_supported
+
 _aten = torch.ops.aten
 CPU_SDPA_FORWARD = _aten._scaled_dot_product_flash_attention_for_cpu.default
 CPU_SDPA_BACKWARD = _aten._scaled_dot_product_flash_attention_for_cpu_backward.default
@@ -65,23 +67,6 @@ def _as_seq_sharded(local: torch.Tensor, like: DTensor) -> DTensor:
     shape, stride = compute_global_tensor_info(local, mesh, list(_SEQ_PLACEMENT))
     spec = DTensorSpec(mesh, _SEQ_PLACEMENT, tensor_meta=TensorMeta(torch.Size(shape), tuple(stride), local.dtype))
     return DTensor(local, spec, requires_grad=local.requires_grad)
-
-
-def check_ring_supported(attn_mask: Any, dropout_p: float, is_causal: bool, load_balance: bool) -> None:
-    """Refuse what the ring cannot compute, on every rank alike and before any collective."""
-    if attn_mask is not None:
-        raise ValueError(
-            "Context-parallel attention cannot apply an explicit `attn_mask`: each rank holds only a shard of"
-            " the sequence. Use causal attention (`is_causal=True`); `attach_context_parallel_hooks(model)`"
-            " makes Hugging Face attention modules drop their masks and run causal."
-        )
-    if dropout_p:
-        raise ValueError("Context-parallel attention does not support attention dropout; set `dropout_p=0`.")
-    if not is_causal and load_balance:
-        raise ValueError(
-            "Context parallelism with load balancing needs causal attention (`is_causal=True`): the head/tail"
-            " layout only balances a causal mask. Turn load balancing off for non-causal attention."
-        )
 
 
 def _check_supported(bound: dict[str, Any]) -> None:

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 
-from lightning_cp.cpu_ring import _cp_attention_module, check_ring_supported
+from lightning_cp.cpu_ring import _cp_attention_module
 from lightning_cp.document_ring import document_masked_attention
 from lightning_cp.packing import PackedLayout
+from lightning_cp.validation import check_qkv, check_ring_supported
 
 ROTATE_METHODS: tuple[str, ...] = ("allgather", "alltoall")
 
@@ -66,6 +67,7 @@ def _guarded(sdpa: Callable[..., torch.Tensor], load_balance: bool) -> Callable[
         **kwargs: Any,
     ) -> torch.Tensor:
         check_ring_supported(attn_mask, dropout_p, is_causal, load_balance)
+        check_qkv(query, key, value)
         return sdpa(query, key, value, attn_mask, dropout_p, is_causal, *args, **kwargs)
 
     return guarded_sdpa
@@ -86,6 +88,7 @@ def _document_sdpa(layout: PackedLayout, cp_mesh: DeviceMesh) -> Callable[..., t
         enable_gqa: bool = False,
     ) -> torch.Tensor:
         check_ring_supported(attn_mask, dropout_p, is_causal=True, load_balance=False)
+        check_qkv(query, key, value)
         return document_masked_attention(query, key, value, layout, group, is_causal=is_causal, scale=scale)
 
     return document_masked_sdpa

@@ -53,6 +53,7 @@ class ContextParallelStrategy(ContextParallelMixin, FabricModelParallelStrategy)
         cp_size, data_parallel_size, tensor_parallel_size, rotate_method, load_balance, shift_labels,
         padding_token_id, check_batch_every_n_steps: as in
         :class:`lightning_cp.strategy.ContextParallelStrategy`.
+        deterministic: deterministic kernels only, so two runs of one configuration give identical losses.
         timeout: how long a collective may wait for the other ranks before the job fails (default 10 min).
         save_distributed_checkpoint, process_group_backend: as in Fabric's ``ModelParallelStrategy``.
     """
@@ -68,6 +69,7 @@ class ContextParallelStrategy(ContextParallelMixin, FabricModelParallelStrategy)
         shift_labels: bool = True,
         padding_token_id: int = 0,
         check_batch_every_n_steps: int = 100,
+        deterministic: bool = False,
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = DEFAULT_COLLECTIVE_TIMEOUT,
@@ -84,6 +86,7 @@ class ContextParallelStrategy(ContextParallelMixin, FabricModelParallelStrategy)
             cp_size,
             data_parallel_size,
             tensor_parallel_size,
+            deterministic=deterministic,
             load_balance=load_balance,
             rotate_method=rotate_method,
             shift_labels=shift_labels,

@@ -32,6 +32,7 @@ from lightning_cp.batch import (
 )
 from lightning_cp.sharding import gather_sequence
 from lightning_cp.thd import thd_partitioned_indices
+from lightning_cp.validation import check_sequence_fits
 
 #: Batch keys that delimit the documents of a packed row; they do not go into the model.
 PACKING_KEYS: tuple[str, ...] = ("cu_seqlens", "cu_seqlens_padded", "seq_lens", "seq_lens_padded")
@@ -180,6 +181,7 @@ def _ceil_to(value: int, multiple: int) -> int:
 
 def plan_packed_layout(lengths: Sequence[Sequence[int]], cp_size: int, load_balance: bool) -> PackedLayout:
     """Lay the documents of every row out for ``cp_size`` ranks (see the module docstring)."""
+    check_sequence_fits(max(sum(row) for row in lengths), cp_size, load_balance)
     document_multiple = 2 * cp_size if load_balance else 1
     padded_lengths = [[_ceil_to(length, document_multiple) for length in row] for row in lengths]
     padded_len = _ceil_to(max(sum(row) for row in padded_lengths), 2 * cp_size if load_balance else cp_size)

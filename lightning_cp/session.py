@@ -24,7 +24,7 @@ from lightning_cp.consistency import check_same_batch
 from lightning_cp.dispatch import ring_attention
 from lightning_cp.functional import get_train_context
 from lightning_cp.hooks import attach_context_parallel_hooks
-from lightning_cp.layout import CONTEXT_PARALLEL
+from lightning_cp.layout import CONTEXT_PARALLEL, TENSOR_PARALLEL
 from lightning_cp.loss import count_label_tokens, token_loss_sum
 from lightning_cp.packing import (
     PackedLayout,
@@ -38,6 +38,7 @@ from lightning_cp.packing import (
 )
 from lightning_cp.sharding import gather_sequence
 from lightning_cp.te_batch import make_cp_batch_for_te, padded_packed_batch
+from lightning_cp.validation import check_tensor_parallel_heads
 
 
 @dataclass
@@ -115,6 +116,7 @@ class ContextParallelSession:
                 " runs through `F.scaled_dot_product_attention`; build Hugging Face models with"
                 " `attn_implementation='sdpa'`."
             )
+        check_tensor_parallel_heads(module, self.device_mesh[TENSOR_PARALLEL].size())
         if self.transformer_engine is None:
             self.transformer_engine = uses_transformer_engine_attention(module)
         if id(module) not in self._prepared:
@@ -298,7 +300,8 @@ class ContextParallelSession:
             f"rank {dist.get_rank()} (data-parallel rank {mesh.get_local_rank('data_parallel')},"
             f" context-parallel rank {self.cp_mesh.get_local_rank()})"
         )
-        if isinstance(error, dist.DistError) or "Connection closed by peer" in str(error):
+        message = str(error)
+        if isinstance(error, dist.DistError) or any(hint in message for hint in ("by peer", "remote worker")):
             what = (
                 "lost a peer in a collective: another rank failed or died (its error, if it wrote one, is in the log)"
             )

@@ -47,6 +47,7 @@ class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
         check_batch_every_n_steps: compare the CP group's batches on the first and every n-th batch
             (0: never).
         gather_predictions: gather predicted logits back to the full sequence in ``predict``.
+        deterministic: deterministic kernels only, so two runs of one configuration give identical losses.
         timeout: how long a collective may wait for the other ranks before the job fails (default 10 min).
         save_distributed_checkpoint, process_group_backend: as in ``ModelParallelStrategy``.
     """
@@ -61,6 +62,7 @@ class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
         shift_labels: bool = True,
         padding_token_id: int = 0,
         check_batch_every_n_steps: int = 100,
+        deterministic: bool = False,
         gather_predictions: bool = True,
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
@@ -77,6 +79,7 @@ class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
             cp_size,
             data_parallel_size,
             tensor_parallel_size,
+            deterministic=deterministic,
             load_balance=load_balance,
             rotate_method=rotate_method,
             shift_labels=shift_labels,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,18 @@ if TYPE_CHECKING:
 DEFAULT_COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 
 
+def enable_determinism() -> None:
+    """Make this process's computation repeatable: deterministic kernels only, no cuDNN autotuning.
+
+    With it, two runs of the same configuration (same seeds, data and layout) give identical losses.
+    The CPU ring is deterministic anyway; on GPU, torch raises for an op without a deterministic
+    implementation rather than silently varying.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 class ContextParallelMixin:
     """Mixed into a Lightning ``ModelParallelStrategy`` (Trainer or Fabric side) to add the CP dimension."""
 
@@ -34,6 +47,7 @@ class ContextParallelMixin:
         cp_size: Size,
         data_parallel_size: Size,
         tensor_parallel_size: Size,
+        deterministic: bool = False,
         **session_options: Any,
     ) -> None:
         """Check the arguments now (before any process starts) and keep them for the session."""
@@ -42,12 +56,15 @@ class ContextParallelMixin:
         validate_size("tensor_parallel_size", tensor_parallel_size)
         validate_rotate_method(session_options["rotate_method"])
         self._cp_size = cp_size
+        self._deterministic = deterministic
         self._session_options = session_options
         self._layout: ParallelLayout | None = None
         self._session: ContextParallelSession | None = None
 
     def _setup_context_parallel_mesh(self) -> None:
         """Resolve the layout against the world size, build the mesh and the session (after init_process_group)."""
+        if self._deterministic:
+            enable_determinism()
         self._layout = resolve_layout(
             self.world_size, self._cp_size, self._data_parallel_size, self._tensor_parallel_size
         )

@@ -125,3 +125,12 @@ def test_callback_without_the_strategy_is_refused_at_setup():
 def test_strategy_is_registered_under_a_string():
     trainer = L.Trainer(accelerator="cpu", devices=1, strategy="context_parallel", logger=False)
     assert isinstance(trainer.strategy, ContextParallelStrategy)
+
+
+def test_deterministic_switch_gives_identical_runs(tmp_path):
+    first = _train(tmp_path, "--layout", "fsdp", "--deterministic")
+    second = _train(tmp_path, "--layout", "fsdp", "--deterministic")
+    assert first["deterministic_algorithms"] and second["deterministic_algorithms"]
+    assert torch.equal(first["losses"], second["losses"])
+    for name, weight in first["weights"].items():
+        assert torch.equal(second["weights"][name], weight), name

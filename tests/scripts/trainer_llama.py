@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--resume", help="checkpoint to resume from")
     parser.add_argument("--fail-rank", type=int, default=-1, help="this rank raises in its second training step")
     parser.add_argument("--die", action="store_true", help="with --fail-rank: the rank exits instead of raising")
+    parser.add_argument("--deterministic", action="store_true")
     parser.add_argument("--timeout", type=float, default=600, help="collective timeout in seconds")
     args = parser.parse_args()
 
@@ -127,6 +128,7 @@ def main() -> None:
             data_parallel_size=args.dp,
             save_distributed_checkpoint=not args.consolidated,
             timeout=timedelta(seconds=args.timeout),
+            deterministic=args.deterministic,
         ),
         callbacks=([] if args.no_callback else [ContextParallelCallback()]) + _checkpointing(args),
         max_steps=-1 if args.epochs else args.steps,
@@ -152,6 +154,7 @@ def main() -> None:
         result["logged_train_loss"] = trainer.callback_metrics["train_loss"].clone()
         result["tokens_per_sec_logged"] = "tokens_per_sec" in trainer.callback_metrics
     result["weights"] = full_state_dict(module.model)
+    result["deterministic_algorithms"] = torch.are_deterministic_algorithms_enabled()
     if trainer.global_rank == 0:
         torch.save(result, args.out)
 

@@ -1,0 +1,79 @@
+"""Input rules that CP checks up front, so bad input fails with a clear message before any collective.
+
+Every rule raises on each rank alike (they see the same batch and model), so no rank is left waiting
+in a ring. Where each rule is enforced:
+
+* here: the sequence must give every rank real tokens (``check_sequence_fits``), query / key / value
+  must share a dtype (``check_qkv``), tensor parallelism must divide the attention heads
+  (``check_tensor_parallel_heads``), and what the ring cannot compute (``check_ring_supported``:
+  explicit masks, dropout, non-causal attention with load balancing);
+* :func:`lightning_cp.batch.validate_cp_batch`: input ids or embeddings, labels, agreeing lengths
+  and batch sizes, empty batches, right-padding-only attention masks;
+* :func:`lightning_cp.packing.document_lengths`: packed documents that cover their rows exactly;
+* :mod:`lightning_cp.hooks`: sliding windows, non-SDPA attention, missing ``position_ids``;
+* :func:`lightning_cp.layout.resolve_layout`: cp / dp / tp sizes that multiply to the world size;
+* :func:`lightning_cp.consistency.check_same_batch`: every rank of a CP group holds the same batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class ContextParallelBatchError(ValueError):
+    """A batch that context parallelism cannot shard without changing the result."""
+
+
+def check_sequence_fits(seq_len: int, cp_size: int, load_balance: bool) -> None:
+    """Refuse sequences too short to give every CP rank a real token in each of its chunks."""
+    chunks = 2 * cp_size if load_balance else cp_size
+    if seq_len < chunks:
+        raise ContextParallelBatchError(
+            f"A sequence of {seq_len} tokens is too short for cp_size={cp_size}: it is cut into {chunks} chunks"
+            f"{' (2 per rank, load balanced)' if load_balance else ''}, so some ranks would hold only padding."
+            f" Use sequences of at least {chunks} tokens or a smaller cp_size."
+        )
+
+
+def check_ring_supported(attn_mask: Any, dropout_p: float, is_causal: bool, load_balance: bool) -> None:
+    """Refuse what the ring cannot compute, on every rank alike and before any collective."""
+    if attn_mask is not None:
+        raise ValueError(
+            "Context-parallel attention cannot apply an explicit `attn_mask`: each rank holds only a shard of"
+            " the sequence. Use causal attention (`is_causal=True`); `attach_context_parallel_hooks(model)`"
+            " makes Hugging Face attention modules drop their masks and run causal."
+        )
+    if dropout_p:
+        raise ValueError("Context-parallel attention does not support attention dropout; set `dropout_p=0`.")
+    if not is_causal and load_balance:
+        raise ValueError(
+            "Context parallelism with load balancing needs causal attention (`is_causal=True`): the head/tail"
+            " layout only balances a causal mask. Turn load balancing off for non-causal attention."
+        )
+
+
+def check_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+    """Refuse query / key / value of different dtypes (the ring's kernels and merges need one)."""
+    if not query.dtype == key.dtype == value.dtype:
+        raise ValueError(
+            f"Context-parallel attention needs query, key and value of one dtype; got {query.dtype},"
+            f" {key.dtype} and {value.dtype}. Cast them (or run the model under one autocast dtype)."
+        )
+
+
+def check_tensor_parallel_heads(model: nn.Module, tensor_parallel_size: int) -> None:
+    """Refuse a tensor-parallel size that does not divide the attention (and key/value) heads."""
+    if tensor_parallel_size == 1:
+        return
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        for name in ("num_attention_heads", "num_key_value_heads"):
+            heads = getattr(config, name, None)
+            if isinstance(heads, int) and heads % tensor_parallel_size:
+                raise ValueError(
+                    f"tensor_parallel_size={tensor_parallel_size} does not divide the model's {name} ({heads}):"
+                    " tensor parallelism splits attention by heads. Choose a tensor_parallel_size that divides it."
+                )
