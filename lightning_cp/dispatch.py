@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 
 from lightning_cp.cpu_ring import _cp_attention_module
-from lightning_cp.document_ring import document_masked_attention
+from lightning_cp.document_ring import DocumentMaskedAttention
 from lightning_cp.packing import PackedLayout
 from lightning_cp.validation import check_qkv, check_ring_supported
 
@@ -75,7 +75,7 @@ def _guarded(sdpa: Callable[..., torch.Tensor], load_balance: bool) -> Callable[
 
 def _document_sdpa(layout: PackedLayout, cp_mesh: DeviceMesh) -> Callable[..., torch.Tensor]:
     """An SDPA replacement that runs the document-masked ring over ``cp_mesh`` for ``layout``."""
-    group = cp_mesh.get_group()
+    attention = DocumentMaskedAttention(layout, cp_mesh.get_group())
 
     def document_masked_sdpa(
         query: torch.Tensor,
@@ -89,7 +89,7 @@ def _document_sdpa(layout: PackedLayout, cp_mesh: DeviceMesh) -> Callable[..., t
     ) -> torch.Tensor:
         check_ring_supported(attn_mask, dropout_p, is_causal=True, load_balance=False)
         check_qkv(query, key, value)
-        return document_masked_attention(query, key, value, layout, group, is_causal=is_causal, scale=scale)
+        return attention(query, key, value, is_causal=is_causal, scale=scale)
 
     return document_masked_sdpa
 

@@ -120,40 +120,55 @@ class _DocumentMaskedRing(torch.autograd.Function):
         )
 
 
-def document_masked_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    layout: PackedLayout,
-    group: dist.ProcessGroup,
-    *,
-    is_causal: bool = True,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Attention of this rank's ``[batch, heads, local, dim]`` shards over the documents of ``layout``.
+class DocumentMaskedAttention:
+    """Document-masked ring attention for one packed batch, callable like SDPA on this rank's shards.
 
-    ``key``/``value`` may have fewer heads than ``query`` (grouped-query attention). Differentiable;
-    every rank of ``group`` must call it together, in the same order.
+    The mask blocks depend only on the batch's layout, so they are built on the first call and shared
+    by every attention layer after it (and by their backward passes, which keep them anyway).
     """
-    rank, local_len = dist.get_rank(group), layout.shard_index.size(-1)
-    if query.size(2) != local_len or key.size(2) != local_len:
-        raise ValueError(
-            f"Document-masked ring attention got {query.size(2)} query and {key.size(2)} key positions, but this"
-            f" rank's shard of the packed batch holds {local_len}: pass the sharded batch to the model."
-        )
-    if query.size(1) % key.size(1):
-        raise ValueError(f"{query.size(1)} query heads cannot share {key.size(1)} key/value heads evenly.")
-    device = query.device
-    query_documents, query_positions = layout.documents(rank).to(device), layout.positions(rank).to(device)
-    masks = [
-        _block_mask(
-            query_documents,
-            query_positions,
-            layout.documents(source).to(device),
-            layout.positions(source).to(device),
-            is_causal,
-        )
-        for source in range(layout.cp_size)
-    ]
-    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
-    return _DocumentMaskedRing.apply(query, key, value, masks, scale, group)
+
+    def __init__(self, layout: PackedLayout, group: dist.ProcessGroup) -> None:
+        self.layout, self.group = layout, group
+        self._masks: dict[tuple[bool, torch.device], list[torch.Tensor | None]] = {}
+
+    def _block_masks(self, is_causal: bool, device: torch.device) -> list[torch.Tensor | None]:
+        if (is_causal, device) not in self._masks:
+            layout, rank = self.layout, dist.get_rank(self.group)
+            query_documents, query_positions = layout.documents(rank).to(device), layout.positions(rank).to(device)
+            self._masks[is_causal, device] = [
+                _block_mask(
+                    query_documents,
+                    query_positions,
+                    layout.documents(source).to(device),
+                    layout.positions(source).to(device),
+                    is_causal,
+                )
+                for source in range(layout.cp_size)
+            ]
+        return self._masks[is_causal, device]
+
+    def __call__(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        *,
+        is_causal: bool = True,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        """Attention of this rank's ``[batch, heads, local, dim]`` shards over the documents of the layout.
+
+        ``key``/``value`` may have fewer heads than ``query`` (grouped-query attention). Differentiable;
+        every rank of the group must call it together, in the same order.
+        """
+        local_len = self.layout.shard_index.size(-1)
+        if query.size(2) != local_len or key.size(2) != local_len:
+            raise ValueError(
+                f"Document-masked ring attention got {query.size(2)} query and {key.size(2)} key positions, but"
+                f" this rank's shard of the packed batch holds {local_len}: pass the sharded batch to the model."
+            )
+        if query.size(1) % key.size(1):
+            raise ValueError(f"{query.size(1)} query heads cannot share {key.size(1)} key/value heads evenly.")
+        masks = self._block_masks(is_causal, query.device)
+        scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+        return _DocumentMaskedRing.apply(query, key, value, masks, scale, self.group)

@@ -24,11 +24,11 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lightning_cp.batch import shard_cp_batch, validate_cp_batch
+from lightning_cp.batch import shard_cp_batch
 from lightning_cp.cpu_ring import _cp_attention_module
 from lightning_cp.dispatch import ring_attention, validate_rotate_method
 from lightning_cp.mesh import cp_submesh, mesh_size
-from lightning_cp.packing import document_lengths, is_packed, plan_packed_layout, shard_packed_batch
+from lightning_cp.packing import is_packed, plan_packed_batch, shard_packed_batch
 from lightning_cp.te_batch import make_cp_batch_for_te
 
 #: SDPA kernels that torch's ring can run (CPU's flash kernel counts as FLASH_ATTENTION).
@@ -142,8 +142,7 @@ def make_cp_batch_and_ctx(
     cp_size, cp_rank = cp_mesh.size(), cp_mesh.get_local_rank()
     layout = None
     if is_packed(batch):
-        validate_cp_batch(batch, require_labels=True)
-        layout = plan_packed_layout(document_lengths(batch), cp_size, load_balance)
+        batch, layout = plan_packed_batch(batch, cp_size, load_balance, require_labels=True)
         sharded = shard_packed_batch(batch, layout, cp_rank, padding_token_id=padding_token_id)
         span = layout.longest_document
     else:

@@ -29,6 +29,7 @@ from lightning_cp.batch import (
     ContextParallelBatchError,
     pad_value_for,
     primary_input_key,
+    validate_cp_batch,
 )
 from lightning_cp.sharding import gather_sequence
 from lightning_cp.thd import thd_partitioned_indices
@@ -146,6 +147,8 @@ class PackedLayout:
 
     cp_size: int
     load_balance: bool
+    #: Per row, the lengths of its documents (padding not included).
+    lengths: tuple[tuple[int, ...], ...]
     #: Length of every row after padding its documents (the same for all rows).
     padded_len: int
     #: ``[batch, padded_len]``: index of each padded position in the original row, ``-1`` for padding.
@@ -154,13 +157,20 @@ class PackedLayout:
     document: torch.Tensor
     #: ``[cp, batch, padded_len // cp]``: padded positions each rank holds, in the order it stores them.
     shard_index: torch.Tensor
-    #: The longest document, padding included: no attention span is longer.
-    longest_document: int
 
     @property
     def num_documents(self) -> int:
         """Documents in all rows together, padding not counted."""
-        return sum(len(row[row >= 0].unique()) for row in self.document)
+        return sum(len(row) for row in self.lengths)
+
+    def padded_lengths(self) -> list[list[int]]:
+        """Per row, the lengths of its documents with their padding (the row's trailing filler not included)."""
+        return _pad_documents(self.lengths, self.cp_size, self.load_balance)
+
+    @property
+    def longest_document(self) -> int:
+        """The longest document, padding included: no attention span is longer."""
+        return max(max(row) for row in self.padded_lengths())
 
     def positions(self, rank: int) -> torch.Tensor:
         """``[batch, local_len]`` positions in the padded rows of ``rank``'s tokens."""
@@ -179,11 +189,16 @@ def _ceil_to(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def _pad_documents(lengths: Sequence[Sequence[int]], cp_size: int, load_balance: bool) -> list[list[int]]:
+    """Document lengths padded to a multiple of ``2 * cp`` with load balancing (as they are without)."""
+    multiple = 2 * cp_size if load_balance else 1
+    return [[_ceil_to(length, multiple) for length in row] for row in lengths]
+
+
 def plan_packed_layout(lengths: Sequence[Sequence[int]], cp_size: int, load_balance: bool) -> PackedLayout:
     """Lay the documents of every row out for ``cp_size`` ranks (see the module docstring)."""
     check_sequence_fits(max(sum(row) for row in lengths), cp_size, load_balance)
-    document_multiple = 2 * cp_size if load_balance else 1
-    padded_lengths = [[_ceil_to(length, document_multiple) for length in row] for row in lengths]
+    padded_lengths = _pad_documents(lengths, cp_size, load_balance)
     padded_len = _ceil_to(max(sum(row) for row in padded_lengths), 2 * cp_size if load_balance else cp_size)
     sources, documents, shards = [], [], []
     for row, padded_row in zip(lengths, padded_lengths, strict=True):
@@ -208,11 +223,11 @@ def plan_packed_layout(lengths: Sequence[Sequence[int]], cp_size: int, load_bala
     return PackedLayout(
         cp_size=cp_size,
         load_balance=load_balance,
+        lengths=tuple(tuple(row) for row in lengths),
         padded_len=padded_len,
         source=torch.stack(sources),
         document=torch.stack(documents),
         shard_index=torch.stack(shards, dim=1),
-        longest_document=max(max(row) for row in padded_lengths),
     )
 
 
@@ -278,6 +293,21 @@ def _relayout(batch: dict[str, Any], index: torch.Tensor, padding_token_id: int)
 def padded_rows(batch: dict[str, Any], layout: PackedLayout, padding_token_id: int = 0) -> dict[str, torch.Tensor]:
     """The sequence fields of ``batch`` with every document padded as ``layout`` says (not sharded)."""
     return _relayout(batch, layout.source, padding_token_id)
+
+
+def plan_packed_batch(
+    batch: dict[str, Any], cp_size: int, load_balance: bool, *, require_labels: bool, shift_labels: bool = False
+) -> tuple[dict[str, Any], PackedLayout]:
+    """Check a packed ``batch`` and lay its documents out; with ``shift_labels``, shift its labels per document.
+
+    Returns the batch (a new dict when the labels were shifted) and its :class:`PackedLayout`.
+    """
+    validate_cp_batch(batch, require_labels=require_labels)
+    lengths = document_lengths(batch)
+    labels = batch.get("labels")
+    if shift_labels and isinstance(labels, torch.Tensor) and "shift_labels" not in batch:
+        batch = {**batch, "labels": shift_labels_within_documents(labels, document_ids(lengths, labels.device))}
+    return batch, plan_packed_layout(lengths, cp_size, load_balance)
 
 
 def shard_packed_batch(

@@ -19,23 +19,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from lightning_cp.batch import IGNORE_INDEX, primary_input_key, shard_cp_batch, validate_cp_batch
+from lightning_cp.batch import IGNORE_INDEX, primary_input_key, shard_cp_batch
 from lightning_cp.consistency import check_same_batch
 from lightning_cp.dispatch import ring_attention
 from lightning_cp.functional import get_train_context
 from lightning_cp.hooks import attach_context_parallel_hooks
-from lightning_cp.layout import CONTEXT_PARALLEL, TENSOR_PARALLEL
+from lightning_cp.layout import CONTEXT_PARALLEL, DATA_PARALLEL, TENSOR_PARALLEL
 from lightning_cp.loss import count_label_tokens, token_loss_sum
-from lightning_cp.packing import (
-    PackedLayout,
-    document_ids,
-    document_lengths,
-    gather_packed,
-    is_packed,
-    plan_packed_layout,
-    shard_packed_batch,
-    shift_labels_within_documents,
-)
+from lightning_cp.packing import PackedLayout, gather_packed, is_packed, plan_packed_batch, shard_packed_batch
 from lightning_cp.sharding import gather_sequence
 from lightning_cp.te_batch import make_cp_batch_for_te, padded_packed_batch
 from lightning_cp.validation import check_tensor_parallel_heads
@@ -196,7 +187,8 @@ class ContextParallelSession:
         self._batches_seen += 1
         source = dict(batch)
         if is_packed(source):
-            local, layout, padded_len = self._shard_packed(source, require_labels)
+            local, layout = self._shard_packed(source, require_labels)
+            padded_len = layout.padded_len
         else:
             layout = None
             if self.shift_labels and isinstance(source.get("labels"), torch.Tensor) and "shift_labels" not in source:
@@ -222,25 +214,22 @@ class ContextParallelSession:
         self.current = ShardedStep(primary.size(1), padded_len, primary.size(0), label_count, layout, thd)
         return self.current
 
-    def _shard_packed(self, source: dict[str, Any], require_labels: bool) -> tuple[dict[str, Any], PackedLayout, int]:
+    def _shard_packed(self, source: dict[str, Any], require_labels: bool) -> tuple[dict[str, Any], PackedLayout]:
         """Shard a packed batch: per document for the masked ring, or into TE's THD format."""
-        validate_cp_batch(source, require_labels=require_labels)
-        lengths = document_lengths(source)
-        labels = source.get("labels")
-        if self.shift_labels and isinstance(labels, torch.Tensor) and "shift_labels" not in source:
-            source["labels"] = shift_labels_within_documents(labels, document_ids(lengths, labels.device))
-        cp_size, cp_rank = self.cp_mesh.size(), self.cp_mesh.get_local_rank()
-        if self.transformer_engine:
-            layout = plan_packed_layout(lengths, cp_size, load_balance=True)
+        te = bool(self.transformer_engine)  # TE's THD partitioning is always load balanced
+        source, layout = plan_packed_batch(
+            source,
+            self.cp_mesh.size(),
+            te or self.load_balance,
+            require_labels=require_labels,
+            shift_labels=self.shift_labels,
+        )
+        if te:
             padded = padded_packed_batch(source, layout, self.padding_token_id)
-            return (
-                make_cp_batch_for_te(self.cp_mesh, padded, padding_token_id=self.padding_token_id),
-                layout,
-                layout.padded_len,
-            )
-        layout = plan_packed_layout(lengths, cp_size, self.load_balance)
-        local = shard_packed_batch(source, layout, cp_rank, padding_token_id=self.padding_token_id)
-        return local, layout, layout.padded_len
+            return make_cp_batch_for_te(self.cp_mesh, padded, padding_token_id=self.padding_token_id), layout
+        return shard_packed_batch(
+            source, layout, self.cp_mesh.get_local_rank(), padding_token_id=self.padding_token_id
+        ), layout
 
     def open(self) -> None:
         """Switch ring attention on (restricted to the SDPA kernels the ring supports) until :meth:`close`."""
@@ -297,7 +286,7 @@ class ContextParallelSession:
         """
         mesh = self.device_mesh
         place = (
-            f"rank {dist.get_rank()} (data-parallel rank {mesh.get_local_rank('data_parallel')},"
+            f"rank {dist.get_rank()} (data-parallel rank {mesh.get_local_rank(DATA_PARALLEL)},"
             f" context-parallel rank {self.cp_mesh.get_local_rank()})"
         )
         message = str(error)

@@ -19,7 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from lightning_cp.batch import ContextParallelBatchError
 from lightning_cp.mesh import mesh_size
-from lightning_cp.packing import PACKING_KEYS, SEQ_LENS_PADDING_VALUE, PackedLayout, document_lengths, padded_rows
+from lightning_cp.packing import PACKING_KEYS, SEQ_LENS_PADDING_VALUE, PackedLayout, padded_rows
 from lightning_cp.thd import partitioned_indices
 
 #: Per-token fields of a THD batch; they are partitioned across the CP ranks.
@@ -167,16 +167,16 @@ def padded_packed_batch(batch: dict[str, Any], layout: PackedLayout, padding_tok
     The result has ``seq_lens`` / ``seq_lens_padded`` (trailing row filler joins the last document's
     padding), the input :func:`make_cp_batch_for_te` expects; packing keys of ``batch`` are replaced.
     """
-    lengths = document_lengths(batch)
+    if not layout.load_balance:
+        raise ValueError(
+            "Transformer Engine's THD partitioning needs a load-balanced layout (documents padded to 2 * cp)."
+        )
     out = {key: value for key, value in batch.items() if key not in PACKING_KEYS and key != "attention_mask"}
     out.update(padded_rows(out, layout, padding_token_id))
-    seq_lens, seq_lens_padded = [], []
-    for row, documents in enumerate(lengths):
-        spans = layout.document[row]
-        padded = [int(((spans == number) | (spans == -(number + 1))).sum()) for number in range(len(documents))]
+    seq_lens = [list(row) for row in layout.lengths]
+    seq_lens_padded = layout.padded_lengths()
+    for padded in seq_lens_padded:
         padded[-1] += layout.padded_len - sum(padded)
-        seq_lens.append(documents)
-        seq_lens_padded.append(padded)
     width = max(len(row) for row in seq_lens)
     for key, values in (("seq_lens", seq_lens), ("seq_lens_padded", seq_lens_padded)):
         rows = [row + [SEQ_LENS_PADDING_VALUE] * (width - len(row)) for row in values]
