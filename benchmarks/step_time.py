@@ -3,7 +3,9 @@
 Both paths train the same Llama-shaped model on the same ranks and data with plain SGD: first the
 Lightning Trainer with ContextParallelStrategy + ContextParallelCallback, then, in the same processes,
 a hand-written loop with ``make_cp_batch_and_ctx``, a token-correct loss, a gradient all-reduce and
-the optimizer step. Reported: the median step time of each after warm-up, and their ratio.
+the optimizer step. Reported: the median step time of each after warm-up, and their ratio; and the
+cost of the per-step check that the CP group holds one batch (on by default), timed on the same
+batches in the same processes, as a share of the Lightning step.
 
     python benchmarks/step_time.py --cp 2 --seq-len 4096
 """
@@ -26,6 +28,7 @@ from common import llama, lm_batch, print_table, save_plot  # noqa: E402
 
 import lightning_cp as lcp  # noqa: E402
 from lightning_cp.callbacks import ContextParallelCallback  # noqa: E402
+from lightning_cp.consistency import check_same_batch  # noqa: E402
 from lightning_cp.session import shift_labels  # noqa: E402
 
 
@@ -79,6 +82,17 @@ def _functional_steps(args: argparse.Namespace, mesh: object, samples: list[dict
     return times
 
 
+def _batch_check_times(samples: list[dict], cp_mesh: object, device: torch.device) -> list[float]:
+    """Seconds taken by the CP group's same-batch check (fingerprint + all-gather) on each batch."""
+    times = []
+    for step, sample in enumerate(samples):
+        batch = {key: value.unsqueeze(0).to(device) for key, value in sample.items()}
+        start = time.perf_counter()
+        check_same_batch(batch, cp_mesh, step)
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda needs one GPU per rank")
@@ -110,13 +124,23 @@ def main() -> None:
     )
     trainer.fit(_Module(args), train_dataloaders=DataLoader(samples, batch_size=1))
     functional = _functional_steps(args, trainer.strategy.device_mesh, samples, trainer.strategy.root_device)
+    check = _batch_check_times(samples, trainer.strategy.cp_mesh, trainer.strategy.root_device)
     lightning_median = statistics.median(timer.times[args.warmup :])
     functional_median = statistics.median(functional[args.warmup :])
+    check_median = statistics.median(check[args.warmup :])
     if trainer.global_rank == 0:
         print_table(
             f"Step time, cp={args.cp}, sequence {args.seq_len}, median of {args.steps} steps after {args.warmup}",
-            ["Lightning path s", "functional by hand s", "Lightning / by hand"],
-            [[f"{lightning_median:.3f}", f"{functional_median:.3f}", f"{lightning_median / functional_median:.3f}"]],
+            ["Lightning path s", "functional by hand s", "Lightning / by hand", "batch check ms", "check / step"],
+            [
+                [
+                    f"{lightning_median:.3f}",
+                    f"{functional_median:.3f}",
+                    f"{lightning_median / functional_median:.3f}",
+                    f"{check_median * 1e3:.2f}",
+                    f"{check_median / lightning_median:.4f}",
+                ]
+            ],
         )
         if args.plot:
 

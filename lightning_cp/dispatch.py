@@ -52,6 +52,20 @@ def validate_rotate_method(rotate_method: str) -> str:
     return rotate_method
 
 
+def _cast_as_autocast_would(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q/k/v in the dtype autocast gives SDPA (its lower-precision dtype), when autocast is on.
+
+    Under mixed precision (``precision="bf16-mixed"`` / ``"16-mixed"``), rotary embeddings leave q and k
+    in fp32 while v is already bf16; autocast would cast all three when the SDPA op runs. The checks
+    below run before that, so they see what the kernel will get. The ring merges in fp32 regardless.
+    """
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
+
+
 def _guarded(sdpa: Callable[..., torch.Tensor], load_balance: bool) -> Callable[..., torch.Tensor]:
     """``sdpa`` preceded by the ring's input checks, so a bad call fails clearly before any kernel runs."""
 
@@ -67,6 +81,7 @@ def _guarded(sdpa: Callable[..., torch.Tensor], load_balance: bool) -> Callable[
         **kwargs: Any,
     ) -> torch.Tensor:
         check_ring_supported(attn_mask, dropout_p, is_causal, load_balance)
+        query, key, value = _cast_as_autocast_would(query, key, value)
         check_qkv(query, key, value)
         return sdpa(query, key, value, attn_mask, dropout_p, is_causal, *args, **kwargs)
 
@@ -88,8 +103,11 @@ def _document_sdpa(layout: PackedLayout, cp_mesh: DeviceMesh) -> Callable[..., t
         enable_gqa: bool = False,
     ) -> torch.Tensor:
         check_ring_supported(attn_mask, dropout_p, is_causal=True, load_balance=False)
+        query, key, value = _cast_as_autocast_would(query, key, value)
         check_qkv(query, key, value)
-        return attention(query, key, value, is_causal=is_causal, scale=scale)
+        # The document ring chooses its own precisions (fp32 scores and merge); autocast must not recast them.
+        with torch.autocast(query.device.type, enabled=False):
+            return attention(query, key, value, is_causal=is_causal, scale=scale)
 
     return document_masked_sdpa
 
@@ -118,11 +136,12 @@ def ring_attention(
         )
     attention = _cp_attention_module()
     options = attention._cp_options
-    saved = (options.enable_load_balance, options.rotate_method, attention._dispatch_mode)
+    saved = (options.enable_load_balance, options.rotate_method, options.convert_to_f32, attention._dispatch_mode)
     torch_ring_sdpa: Callable[..., torch.Tensor] | None = None
     try:
         attention._dispatch_mode = attention._DispatchMode.MONKEY_PATCH
         options.enable_load_balance = load_balance
+        options.convert_to_f32 = True  # merge partial results in fp32: bf16 merges drift as the ring grows
         attention.set_rotate_method(validate_rotate_method(rotate_method))
         attention._enable_context_parallel_dispatcher_impl(seq_dim=2, mesh=cp_mesh)
         torch_ring_sdpa = F.scaled_dot_product_attention
@@ -137,4 +156,4 @@ def ring_attention(
         if torch_ring_sdpa is not None:
             F.scaled_dot_product_attention = torch_ring_sdpa  # torch restores only its own wrapper
         attention._disable_context_parallel_dispatcher_impl()
-        options.enable_load_balance, options.rotate_method, attention._dispatch_mode = saved
+        options.enable_load_balance, options.rotate_method, options.convert_to_f32, attention._dispatch_mode = saved

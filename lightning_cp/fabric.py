@@ -68,7 +68,7 @@ class ContextParallelStrategy(ContextParallelMixin, FabricModelParallelStrategy)
         load_balance: bool = True,
         shift_labels: bool = True,
         padding_token_id: int = 0,
-        check_batch_every_n_steps: int = 100,
+        check_batch_every_n_steps: int = 1,
         deterministic: bool = False,
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
@@ -108,6 +108,7 @@ class ContextParallelStrategy(ContextParallelMixin, FabricModelParallelStrategy)
         check_sharded_parameters(module, self.layout.context_parallel)
         if not any(isinstance(param, DTensor) for param in module.parameters()):
             module.to(self.root_device)
+        self._synchronize_replicas(module)
         self.session.prepare_model(module)
         self._modules.append(module)
         return module

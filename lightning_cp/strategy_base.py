@@ -10,6 +10,7 @@ import torch
 
 from lightning_cp.dispatch import validate_rotate_method
 from lightning_cp.layout import ParallelLayout, Size, build_device_mesh, resolve_layout, validate_size
+from lightning_cp.replicas import broadcast_replicated_state
 from lightning_cp.session import ContextParallelSession
 
 if TYPE_CHECKING:
@@ -70,6 +71,10 @@ class ContextParallelMixin:
         )
         self._device_mesh, data_context_mesh = build_device_mesh(self._layout, self.root_device)
         self._session = ContextParallelSession(self._device_mesh, data_context_mesh, **self._session_options)
+
+    def _synchronize_replicas(self, module: torch.nn.Module) -> None:
+        """Copy rank 0's replicated weights to every rank, as DDP does: correct even if the user never seeded."""
+        broadcast_replicated_state(module)
 
     @property
     def session(self) -> ContextParallelSession:

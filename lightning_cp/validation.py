@@ -60,7 +60,7 @@ def check_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> No
     if not query.dtype == key.dtype == value.dtype:
         raise ValueError(
             f"Context-parallel attention needs query, key and value of one dtype; got {query.dtype},"
-            f" {key.dtype} and {value.dtype}. Cast them (or run the model under one autocast dtype)."
+            f" {key.dtype} and {value.dtype}. Cast them to one dtype (mixed precision under autocast is handled)."
         )
 
 

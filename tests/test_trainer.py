@@ -49,6 +49,20 @@ def test_cp2_training_equals_one_process_training(tmp_path, layout, accumulate):
     assert "sequence 130 tokens (padded to 132) -> 66 per rank" in run["log"]
 
 
+def test_bf16_mixed_training_with_cp2_is_as_close_to_fp32_as_bf16_mixed_without_cp(tmp_path):
+    """bf16 cannot match bit for bit: CP's error against fp32 truth must be that of bf16-mixed without CP."""
+    run = _train(tmp_path, "--precision", "bf16-mixed", "--steps", "3")
+    truth = reference_sgd_run(steps=3, accumulate=1, lr=LR)
+    plain_bf16 = reference_sgd_run(steps=3, accumulate=1, lr=LR, autocast_dtype=torch.bfloat16)
+    pairs = [("losses", run["losses"], plain_bf16["losses"], truth["losses"])]
+    pairs += [(name, run["weights"][name], plain_bf16["weights"][name], w) for name, w in truth["weights"].items()]
+    for name, cp, plain, exact in pairs:
+        cp_error = (cp.float() - exact).abs().max().item()
+        plain_error = (plain.float() - exact).abs().max().item()
+        assert cp_error <= 2 * plain_error + 1e-2 * exact.abs().max().item(), f"{name}: {cp_error} vs {plain_error}"
+    assert (plain_bf16["losses"] - truth["losses"]).abs().max() > 0, "bf16-mixed must differ from fp32"
+
+
 def test_manual_optimization_with_cp2_equals_one_process_training(tmp_path):
     run = _train(tmp_path, "--manual")
     _assert_same_training(run, reference_sgd_run(steps=5, accumulate=1, lr=LR))
@@ -93,6 +107,13 @@ def _failing_run(tmp_path: Path, *args: str) -> str:
 def test_ranks_of_a_cp_group_with_different_batches_are_detected(tmp_path):
     log = _failing_run(tmp_path, "--global-rank-sampler")
     assert "The ranks of a context-parallel group received different batches" in log
+
+
+def test_batches_that_diverge_after_the_first_steps_are_stopped_at_the_step_they_diverge(tmp_path):
+    """A per-rank augmentation that starts at batch 3: steps 0-2 train, batch 3 is refused on every rank."""
+    log = _failing_run(tmp_path, "--diverge-at", "3", "--steps", "5")
+    assert "received different batches at batch 3" in log
+    assert "context-parallel rank(s) [1] differ from rank 0" in log
 
 
 def test_strategy_without_the_callback_is_refused_at_setup(tmp_path):

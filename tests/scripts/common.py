@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -15,6 +16,8 @@ sys.path.insert(0, str(TESTS_DIR))
 
 from models import tiny_causal_lm  # noqa: E402
 
+#: ``--seed-per-rank`` builds rank r's model from seed INIT_SEED_PER_RANK + r.
+INIT_SEED_PER_RANK = 1000
 SEQ_LEN = 130  # not a multiple of 2 * cp: the padding path runs too
 BATCH_SIZE = 2
 
@@ -38,6 +41,35 @@ def hf_style_samples(count: int, seq_len: int = SEQ_LEN, seed: int = 0) -> list[
     return samples
 
 
+def replica_sync_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the replica-synchronisation tests: unseeded-like models, and bypassing the sync."""
+    parser.add_argument("--seed-per-rank", action="store_true", help="each rank builds its model from its own seed")
+    parser.add_argument("--skip-replica-sync", action="store_true", help="negative control: no broadcast at setup")
+
+
+def model_seed(args: argparse.Namespace) -> int:
+    """The model's seed: 0, or one per rank (as unseeded processes get) with ``--seed-per-rank``.
+
+    Also applies ``--skip-replica-sync``, which must take effect before the strategy's setup.
+    """
+    if args.skip_replica_sync:
+        from lightning_cp.strategy_base import ContextParallelMixin
+
+        ContextParallelMixin._synchronize_replicas = lambda self, module: None  # type: ignore[method-assign]
+    return INIT_SEED_PER_RANK + rank_of_this_process() if args.seed_per_rank else 0
+
+
+def rank_of_this_process() -> int:
+    """The global rank, read before the process group exists (Lightning sets it for the ranks it launches)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+
+
+def save_rank_weights(out: str, rank: int, weights: dict[str, torch.Tensor]) -> None:
+    """Every rank other than 0 writes its final weights beside ``out`` (rank 0 writes ``out`` itself)."""
+    if rank:
+        torch.save(weights, f"{out}.rank{rank}")
+
+
 def run_script(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run one of the scripts beside this file with a free master port; raise with its output on failure."""
     from distributed_harness import free_port
@@ -56,15 +88,23 @@ def run_script(script: str, *args: str, timeout: float = 600) -> subprocess.Comp
 
 
 def reference_sgd_run(
-    steps: int, accumulate: int, lr: float, seq_len: int = SEQ_LEN, shuffled: bool = True, data_parallel: int = 1
+    steps: int,
+    accumulate: int,
+    lr: float,
+    seq_len: int = SEQ_LEN,
+    shuffled: bool = True,
+    data_parallel: int = 1,
+    init_seed: int = 0,
+    autocast_dtype: torch.dtype | None = None,
 ) -> dict:
     """The same training on one process without CP: per-micro-batch losses and final weights.
 
+    With ``autocast_dtype``, the forward runs under CPU autocast, as Lightning's ``"bf16-mixed"`` does.
     Each micro-batch is the *global* one: the batches of all ``data_parallel`` replicas together, as
     Lightning's DistributedSampler hands them out (shuffled with seed 0 for the Trainer, in order for
     Fabric), and its loss is the token mean over all of them.
     """
-    model = tiny_causal_lm("llama")
+    model = tiny_causal_lm("llama", seed=init_seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     samples = hf_style_samples(steps * accumulate * BATCH_SIZE * data_parallel, seq_len)
     orders = [
@@ -77,7 +117,8 @@ def reference_sgd_run(
             start = (step * accumulate + micro) * BATCH_SIZE
             chosen = [samples[i] for order in orders for i in order[start : start + BATCH_SIZE]]
             batch = {key: torch.stack([s[key] for s in chosen]) for key in samples[0]}
-            loss = model(**batch).loss
+            with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                loss = model(**batch).loss
             (loss / accumulate).backward()
             losses.append(loss.detach())
         optimizer.step()

@@ -6,7 +6,15 @@ import argparse
 
 import lightning as L
 import torch
-from common import BATCH_SIZE, full_state_dict, hf_style_samples, tiny_causal_lm
+from common import (
+    BATCH_SIZE,
+    full_state_dict,
+    hf_style_samples,
+    model_seed,
+    replica_sync_options,
+    save_rank_weights,
+    tiny_causal_lm,
+)
 from torch.utils.data import DataLoader
 
 from lightning_cp.fabric import ContextParallelStrategy
@@ -29,6 +37,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--lr", type=float, default=1.0)
     parser.add_argument("--custom-loss", action="store_true", help="loss from logits via the strategy's helper")
+    replica_sync_options(parser)
     args = parser.parse_args()
 
     strategy = ContextParallelStrategy(
@@ -36,7 +45,8 @@ def main() -> None:
     )
     fabric = L.Fabric(accelerator="cpu", devices=2, strategy=strategy)
     fabric.launch()
-    model = fabric.setup(tiny_causal_lm("llama"))  # parameters become DTensors under FSDP2: optimizer after
+    # parameters become DTensors under FSDP2: the optimizer comes after
+    model = fabric.setup(tiny_causal_lm("llama", seed=model_seed(args)))
     optimizer = fabric.setup_optimizers(torch.optim.SGD(model.parameters(), lr=args.lr))
     loader = fabric.setup_dataloaders(DataLoader(hf_style_samples(args.steps * BATCH_SIZE), batch_size=BATCH_SIZE))
     losses = []
@@ -54,6 +64,7 @@ def main() -> None:
     weights = full_state_dict(model)
     if fabric.global_rank == 0:
         torch.save({"losses": torch.stack(losses), "weights": weights}, args.out)
+    save_rank_weights(args.out, fabric.global_rank, weights)
 
 
 if __name__ == "__main__":

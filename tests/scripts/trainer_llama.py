@@ -8,8 +8,17 @@ from datetime import timedelta
 
 import lightning as L
 import torch
-from common import BATCH_SIZE, full_state_dict, hf_style_samples, tiny_causal_lm
-from torch.utils.data import DataLoader, DistributedSampler
+from common import (
+    BATCH_SIZE,
+    full_state_dict,
+    hf_style_samples,
+    model_seed,
+    rank_of_this_process,
+    replica_sync_options,
+    save_rank_weights,
+    tiny_causal_lm,
+)
+from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
 from lightning_cp import ContextParallelStrategy
 from lightning_cp.callbacks import ContextParallelCallback
@@ -21,7 +30,7 @@ class LlamaModule(L.LightningModule):
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__()
         self.args = args
-        self.model = tiny_causal_lm("llama")
+        self.model = tiny_causal_lm("llama", seed=model_seed(args))
         self.automatic_optimization = not args.manual
         self.train_losses: list[torch.Tensor] = []
         self.val_losses: list[torch.Tensor] = []
@@ -69,6 +78,8 @@ class LlamaModule(L.LightningModule):
                 samples, num_replicas=self.trainer.world_size, rank=self.global_rank, shuffle=False
             )
             return DataLoader(samples, batch_size=BATCH_SIZE, sampler=sampler)
+        if self.args.diverge_at >= 0:  # the mistake to detect: a per-rank augmentation from batch k on
+            return DataLoader(samples, batch_size=BATCH_SIZE, collate_fn=_RankAugmentation(self.args.diverge_at))
         return DataLoader(samples, batch_size=BATCH_SIZE)
 
     def train_dataloader(self) -> DataLoader:
@@ -79,6 +90,20 @@ class LlamaModule(L.LightningModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(BATCH_SIZE)
+
+
+class _RankAugmentation:
+    """Collates batches; from batch ``start`` on, ranks other than 0 perturb their tokens."""
+
+    def __init__(self, start: int) -> None:
+        self.start, self.batches = start, 0
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = default_collate(samples)
+        if self.batches >= self.start and rank_of_this_process() != 0:
+            batch["input_ids"] = (batch["input_ids"] + 1) % 256
+        self.batches += 1
+        return batch
 
 
 def _checkpointing(args: argparse.Namespace) -> list:
@@ -102,6 +127,7 @@ def main() -> None:
     parser.add_argument("--momentum", type=float, default=0.0)
     parser.add_argument("--seq-len", type=int, default=130)
     parser.add_argument("--global-rank-sampler", action="store_true")
+    parser.add_argument("--diverge-at", type=int, default=-1, help="ranks > 0 alter their batches from this one on")
     parser.add_argument("--validate", action="store_true")
     parser.add_argument("--predict", action="store_true")
     parser.add_argument("--manual", action="store_true", help="manual optimization in training_step")
@@ -114,7 +140,9 @@ def main() -> None:
     parser.add_argument("--fail-rank", type=int, default=-1, help="this rank raises in its second training step")
     parser.add_argument("--die", action="store_true", help="with --fail-rank: the rank exits instead of raising")
     parser.add_argument("--deterministic", action="store_true")
+    parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
     parser.add_argument("--timeout", type=float, default=600, help="collective timeout in seconds")
+    replica_sync_options(parser)
     args = parser.parse_args()
 
     module = LlamaModule(args)
@@ -123,6 +151,7 @@ def main() -> None:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.devices,
+        precision=args.precision,
         strategy=ContextParallelStrategy(
             cp_size=args.cp,
             data_parallel_size=args.dp,
@@ -157,6 +186,7 @@ def main() -> None:
     result["deterministic_algorithms"] = torch.are_deterministic_algorithms_enabled()
     if trainer.global_rank == 0:
         torch.save(result, args.out)
+    save_rank_weights(args.out, trainer.global_rank, result["weights"])
 
 
 if __name__ == "__main__":
