@@ -10,32 +10,33 @@ from a config.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
-
-import lightning as L
-import torch
-from torch.utils.data import DataLoader
-
-sys.path.insert(0, str(Path(__file__).parent))
-from trainer_llama_cp import CausalLM, synthetic_sequences  # noqa: E402
-
-from lightning_cp.fabric import ContextParallelStrategy  # noqa: E402
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line, parsed before torch and Lightning are imported: ``--help`` answers at once."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default: 1024)")
     parser.add_argument("--batch-size", type=int, default=2, help="sequences per step (default: 2)")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps (default: 20)")
     parser.add_argument("--cp", type=int, default=2, help="context-parallel ranks = CPU processes (default: 2)")
     parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default: 3e-3)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    import lightning as L
+    import torch
+    from small_llama import small_llama, synthetic_sequences
+    from torch.utils.data import DataLoader
+
+    from lightning_cp.fabric import ContextParallelStrategy
 
     strategy = ContextParallelStrategy(cp_size=args.cp)
     fabric = L.Fabric(accelerator="cpu", devices=args.cp, strategy=strategy)
     fabric.launch()
-    model = fabric.setup(CausalLM(args.lr, fsdp=False).model)
+    fabric.seed_everything(0)  # for reproducible numbers only: the strategy gives every rank rank 0's weights
+    model = fabric.setup(small_llama())
     optimizer = fabric.setup_optimizers(torch.optim.AdamW(model.parameters(), lr=args.lr))
     loader = fabric.setup_dataloaders(
         DataLoader(synthetic_sequences(args.steps * args.batch_size, args.seq_len), batch_size=args.batch_size)

@@ -9,18 +9,15 @@ same model trained without CP on the same data; with plain SGD both runs stay eq
 from __future__ import annotations
 
 import argparse
-import copy
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
-from transformers import LlamaConfig, LlamaForCausalLM
-
-import lightning_cp as lcp
-from lightning_cp.launch import run_on_local_ranks
+if TYPE_CHECKING:
+    import torch
+    from transformers import LlamaForCausalLM
 
 
 def _parse_args() -> argparse.Namespace:
+    """The command line, parsed before torch is imported: ``--help`` answers at once."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default: 512)")
     parser.add_argument("--batch-size", type=int, default=2, help="sequences per step (default: 2)")
@@ -31,7 +28,10 @@ def _parse_args() -> argparse.Namespace:
 
 
 def _model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)  # the same weights on every rank: unlike the strategies, the functional API copies none
     config = LlamaConfig(
         vocab_size=512,
         hidden_size=128,
@@ -46,6 +46,8 @@ def _model() -> LlamaForCausalLM:
 
 
 def _batch(step: int, args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    import torch
+
     generator = torch.Generator().manual_seed(step)
     input_ids = torch.randint(0, 512, (args.batch_size, args.seq_len), generator=generator)
     labels = torch.cat([input_ids[:, 1:], torch.full_like(input_ids[:, :1], -100)], dim=1)
@@ -53,6 +55,14 @@ def _batch(step: int, args: argparse.Namespace) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, world_size: int, args: argparse.Namespace) -> None:
+    import copy
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import lightning_cp as lcp
+
     mesh = init_device_mesh("cpu", (args.cp,), mesh_dim_names=("context_parallel",))
     cp_mesh = mesh["context_parallel"]
     model = _model()
@@ -92,6 +102,8 @@ def _worker(rank: int, world_size: int, args: argparse.Namespace) -> None:
 
 def main() -> None:
     args = _parse_args()
+    from lightning_cp.launch import run_on_local_ranks
+
     run_on_local_ranks(_worker, args, world_size=args.cp, timeout=1800)
 
 

@@ -12,60 +12,41 @@ boundary, and the last token of a document does not learn to predict the next do
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-import lightning as L
-import torch
-from torch.utils.data import DataLoader
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from lightning_cp import ContextParallelStrategy
-from lightning_cp.callbacks import ContextParallelCallback
-
-VOCAB = 512
+if TYPE_CHECKING:
+    import torch
 
 
-class CausalLM(L.LightningModule):
-    def __init__(self, lr: float) -> None:
-        super().__init__()
-        self.lr = lr
-        config = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=16384,
-            attn_implementation="sdpa",
-        )
-        self.model = LlamaForCausalLM(config)
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.model(**batch).loss  # token-correct over every document of the global batch
-        self.log("train_loss", loss, prog_bar=True)
-        self.print(f"step {self.global_step}: loss {loss.item():.4f}")
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.lr)
-
-
-def counting_document(length: int, generator: torch.Generator) -> torch.Tensor:
-    """Tokens that go up by a per-document stride from a random start: learnable, different per document."""
-    start = int(torch.randint(0, VOCAB, (1,), generator=generator))
-    stride = 1 + int(torch.randint(0, 3, (1,), generator=generator))
-    return (start + stride * torch.arange(length)) % VOCAB
+def parse_args() -> argparse.Namespace:
+    """The command line, parsed before torch and Lightning are imported: ``--help`` answers at once."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per packed row (default: 1024)")
+    parser.add_argument("--batch-size", type=int, default=2, help="packed rows per step (default: 2)")
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps (default: 20)")
+    parser.add_argument("--cp", type=int, default=2, help="context-parallel ranks = CPU processes (default: 2)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default: 3e-3)")
+    return parser.parse_args()
 
 
 def packed_rows(count: int, seq_len: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """``count`` rows of ``seq_len`` tokens, each packing documents of 16 .. seq_len // 2 tokens."""
+    """``count`` rows of ``seq_len`` tokens, each packing documents of 16 .. seq_len // 2 tokens.
+
+    A document's tokens go up by a per-document stride from a random start: learnable, different per
+    document.
+    """
+    import torch
+    from small_llama import VOCAB_SIZE
+
     generator = torch.Generator().manual_seed(seed)
     rows = []
     for _ in range(count):
         documents, filled = [], 0
         while filled < seq_len:
             length = min(int(torch.randint(16, seq_len // 2 + 1, (1,), generator=generator)), seq_len - filled)
-            documents.append(counting_document(length, generator))
+            start = int(torch.randint(0, VOCAB_SIZE, (1,), generator=generator))
+            stride = 1 + int(torch.randint(0, 3, (1,), generator=generator))
+            documents.append((start + stride * torch.arange(length)) % VOCAB_SIZE)
             filled += length
         input_ids = torch.cat(documents)
         position_ids = torch.cat([torch.arange(len(document)) for document in documents])
@@ -75,14 +56,15 @@ def packed_rows(count: int, seq_len: int, seed: int = 0) -> list[dict[str, torch
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq-len", type=int, default=1024, help="tokens per packed row (default: 1024)")
-    parser.add_argument("--batch-size", type=int, default=2, help="packed rows per step (default: 2)")
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps (default: 20)")
-    parser.add_argument("--cp", type=int, default=2, help="context-parallel ranks = CPU processes (default: 2)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default: 3e-3)")
-    args = parser.parse_args()
+    args = parse_args()
+    import lightning as L
+    from small_llama import CausalLM
+    from torch.utils.data import DataLoader
 
+    from lightning_cp import ContextParallelStrategy
+    from lightning_cp.callbacks import ContextParallelCallback
+
+    L.seed_everything(0)  # for reproducible numbers only: the strategy gives every rank rank 0's weights at setup
     trainer = L.Trainer(
         accelerator="cpu",
         devices=args.cp,

@@ -1,18 +1,24 @@
-"""Command line: ``python -m lightning_cp doctor --model config.json --seq-len 512 --cp 2``."""
+"""Command line: ``python -m lightning_cp doctor --model config.json --seq-len 512 --cp 2``.
+
+A model that is not from Hugging Face comes from ``--module package.module:factory``, with the loss its
+training step computes from ``--loss package.module:function`` (what ``check(loss_fn=...)`` takes).
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from typing import Any
 
-from lightning_cp.doctor import check, factory_from_spec
+from lightning_cp.doctor import check, default_loss, factory_from_spec
 
 
-def _factory_from_module(target: str) -> object:
+def _import_target(option: str, target: str, kind: str) -> Any:
+    """The object that ``package.module:name`` names, for ``--module`` and ``--loss``."""
     module_name, _, attribute = target.partition(":")
     if not attribute:
-        raise SystemExit(f"--module expects 'package.module:factory', got {target!r}")
+        raise SystemExit(f"{option} expects 'package.module:{kind}', got {target!r}")
     return getattr(importlib.import_module(module_name), attribute)
 
 
@@ -24,16 +30,33 @@ def main(argv: list[str] | None = None) -> int:
     source = doctor.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="config.json, a local model folder or a cached hub id (random weights)")
     source.add_argument("--module", help="'package.module:factory' returning the model (an nn.Module)")
+    doctor.add_argument(
+        "--loss",
+        help="'package.module:function' computing the loss as your training step does, as check(loss_fn=...)"
+        " takes it: function(model, batch) -> loss, returning lightning_cp.doctor.token_correct_loss(logits,"
+        " batch['labels']) for a loss of your own (default: the Hugging Face model's own .loss)",
+    )
     doctor.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
+    doctor.add_argument("--vocab-size", type=int, help="draw token ids below this (default: config.vocab_size)")
     doctor.add_argument("--cp", type=int, default=2, help="context-parallel ranks (default: 2)")
     doctor.add_argument("--labels", choices=("hf", "aligned"), default="hf", help="label convention (default: hf)")
     doctor.add_argument("--no-load-balance", action="store_true", help="shard contiguously instead of head/tail")
     args = parser.parse_args(argv)
 
-    factory = factory_from_spec(args.model) if args.model else _factory_from_module(args.module)
-    report = check(
-        factory, cp_size=args.cp, seq_len=args.seq_len, labels=args.labels, load_balance=not args.no_load_balance
-    )
+    factory = factory_from_spec(args.model) if args.model else _import_target("--module", args.module, "factory")
+    loss_fn = _import_target("--loss", args.loss, "function") if args.loss else default_loss
+    try:
+        report = check(
+            factory,
+            cp_size=args.cp,
+            seq_len=args.seq_len,
+            vocab_size=args.vocab_size,
+            labels=args.labels,
+            loss_fn=loss_fn,
+            load_balance=not args.no_load_balance,
+        )
+    except ValueError as error:  # the model or the options cannot be checked as given: say how to fix it
+        doctor.error(str(error))
     print(report.render())
     return 0 if report.exact else 1
 

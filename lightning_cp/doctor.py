@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,10 @@ from lightning_cp.gradients import average_replicated_gradients
 from lightning_cp.hooks import find_attention_modules
 from lightning_cp.launch import run_on_local_ranks
 from lightning_cp.layout import build_device_mesh, resolve_layout
+from lightning_cp.loss_check import closest_loss, wrong_losses
+
+if TYPE_CHECKING:
+    from lightning_cp.session import ContextParallelSession
 
 #: Known causes of inexact CP, with what to do about each.
 CAUSES: dict[str, str] = {
@@ -59,9 +64,25 @@ CAUSES: dict[str, str] = {
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
+#: The session of the CP run under way in this doctor process, for :func:`token_correct_loss`.
+_cp_session: ContextParallelSession | None = None
+
+
 def default_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """What a Lightning ``training_step`` usually returns: the Hugging Face model's own loss."""
     return model(**batch).loss
+
+
+def token_correct_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of position-aligned ``labels`` for a ``loss_fn`` of your own, exact under CP.
+
+    It stands for ``strategy.token_correct_loss``, which a training step calls for a loss of its own
+    (the doctor has no strategy): in the doctor's CP run it is the loss of the whole sequence with this
+    rank's share of the gradient; in the run without CP, the mean over the valid labels.
+    """
+    if _cp_session is None:
+        return _cross_entropy_mean(logits, labels)
+    return _cp_session.token_correct_loss(logits, labels)
 
 
 @dataclass
@@ -134,14 +155,56 @@ def _cross_entropy_mean(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
-def _loss_fingerprints(logits: torch.Tensor, local: dict[str, torch.Tensor]) -> list[tuple[str, float]]:
-    """This rank's loss under formulas that are wrong under CP, to recognise the user's loss among them."""
-    labels, ids = local["labels"], local["input_ids"]
-    return [
-        ("loss_not_token_correct", float(_cross_entropy_mean(logits, labels))),
-        ("labels_shifted_after_sharding", float(_cross_entropy_mean(logits[:, :-1], ids[:, 1:]))),
-        ("labels_shifted_after_sharding", float(_cross_entropy_mean(logits[:, :-1], labels[:, 1:]))),
+def _vocab_size(model: nn.Module) -> int:
+    """The vocabulary size in the model's Hugging Face-style ``config``, to draw the random batch's tokens."""
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab_size, int):
+        return vocab_size
+    embeddings = [
+        f"`{name}` ({module.num_embeddings} rows)"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Embedding)
     ]
+    raise ValueError(
+        f"`{type(model).__name__}` has no `config.vocab_size`, so the doctor cannot tell below which id to draw"
+        f" the random batch's tokens (its embeddings: {', '.join(embeddings) or 'none'}). Give the vocabulary"
+        " size: `--vocab-size N` on the command line, `check(..., vocab_size=N)`, or pass your own `batch=`."
+    )
+
+
+def _check_default_loss_applies(model: nn.Module) -> None:
+    """Refuse the default loss for a model whose ``forward`` takes no ``labels``: it cannot return ``.loss``."""
+    parameters = inspect.signature(model.forward).parameters.values()
+    if any(parameter.name == "labels" or parameter.kind is parameter.VAR_KEYWORD for parameter in parameters):
+        return
+    raise ValueError(
+        f"`{type(model).__name__}.forward` takes no `labels`, so the doctor's default loss (a Hugging Face"
+        " model's own `model(**batch).loss`) cannot run on it. Give the loss your training step computes:"
+        " `check(factory, loss_fn=my_loss)`, or `--loss package.module:my_loss` on the command line, where"
+        " `my_loss(model, batch)` returns `lightning_cp.doctor.token_correct_loss(logits, batch['labels'])`."
+    )
+
+
+def _reference_batch(batch: dict[str, torch.Tensor], shift_labels: bool) -> dict[str, torch.Tensor]:
+    """The whole batch as a CP step hands it to the loss, so that both runs compute the same loss.
+
+    Hugging Face labels are shifted (aligned with positions) and also passed as ``shift_labels``, so a
+    Hugging Face model does not shift them again and a loss of your own sees aligned labels in both runs.
+    """
+    from lightning_cp.session import shift_labels as shifted
+
+    reference = {key: value.clone() for key, value in batch.items()}
+    if shift_labels and "shift_labels" not in reference:
+        reference["labels"] = reference["shift_labels"] = shifted(reference["labels"])
+    return reference
+
+
+#: The cause each loss of :func:`lightning_cp.loss_check.wrong_losses` stands for.
+_WRONG_LOSS_CAUSES = {
+    "shard_mean": "loss_not_token_correct",
+    "labels_shifted_in_shard": "labels_shifted_after_sharding",
+    "input_ids_shifted_in_shard": "labels_shifted_after_sharding",
+}
 
 
 def _error_cause(message: str) -> str | None:
@@ -168,10 +231,11 @@ def _doctor_worker(
 ) -> dict[str, Any]:
     from lightning_cp.session import ContextParallelSession
 
+    global _cp_session
     torch.manual_seed(0)
     model = model_factory()
     reference = copy.deepcopy(model)
-    reference_loss = loss_fn(reference, {k: v.clone() for k, v in batch.items()})
+    reference_loss = loss_fn(reference, _reference_batch(batch, shift_labels))
     reference_loss.backward()
     reference_grads = {n: p.grad.clone() for n, p in reference.named_parameters() if p.grad is not None}
 
@@ -200,6 +264,7 @@ def _doctor_worker(
     model.register_forward_hook(capture_logits)
     result: dict[str, Any] = {"reference_loss": float(reference_loss.detach()), "attention_modules": attention_modules}
     attention._templated_ring_attention = counted_ring
+    _cp_session = session
     try:
         session.prepare_model(model)
         local = dict(batch)
@@ -210,11 +275,12 @@ def _doctor_worker(
         result["loss"] = float(loss.detach())
         result["grad_differences"] = _relative_grad_differences(model, reference_grads)
         if "logits" in captured and isinstance(local.get("input_ids"), torch.Tensor):
-            result["fingerprints"] = _loss_fingerprints(captured["logits"], local)
+            result["fingerprints"] = wrong_losses(captured["logits"], local["labels"], local["input_ids"])
     except ValueError as err:
         result["error"] = str(err)
     finally:
         attention._templated_ring_attention = ring
+        _cp_session = None
     result["calls"] = calls
     return result
 
@@ -225,6 +291,7 @@ def check(
     cp_size: int = 2,
     *,
     seq_len: int = 256,
+    vocab_size: int | None = None,
     loss_fn: LossFn = default_loss,
     labels: str = "hf",
     load_balance: bool = True,
@@ -238,17 +305,28 @@ def check(
         model_factory: builds the model (deterministically: it is seeded with 0 on every rank); it must be
             importable by the spawned processes (a module-level function, or a ``functools.partial`` of one).
         batch: ``input_ids`` and ``labels``; by default random tokens of ``seq_len`` with a third of the
-            labels ignored (the factory then also runs once in this process, to read ``config.vocab_size``).
+            labels ignored.
+        vocab_size: the random tokens are drawn below it (default: the model's ``config.vocab_size``).
         loss_fn: ``loss_fn(model, batch) -> loss``, as your training step computes it (default: the Hugging
-            Face model's own ``.loss``). Under CP it receives the sharded batch.
+            Face model's own ``.loss``). Both runs give it the batch as a CP training step sees it: labels
+            aligned with positions (shifted already with ``labels="hf"``); under CP, this rank's shard. A
+            loss of your own returns :func:`token_correct_loss` of the logits and ``batch["labels"]``.
         labels: ``"hf"`` when the model shifts labels itself, ``"aligned"`` when they are already shifted.
         load_balance: head/tail sharding of the sequence.
+
+    With the default loss or batch, the factory also runs once in this process: to check that the model
+    takes ``labels``, and to read ``config.vocab_size``.
     """
     if labels not in ("hf", "aligned"):
         raise ValueError(f"`labels` must be 'hf' or 'aligned', got {labels!r}.")
-    if batch is None:
+    if batch is None or loss_fn is default_loss:
         torch.manual_seed(0)
-        batch = synthetic_batch(model_factory().config.vocab_size, seq_len)
+        model = model_factory()
+        if loss_fn is default_loss:
+            _check_default_loss_applies(model)
+        if batch is None:
+            batch = synthetic_batch(vocab_size if vocab_size is not None else _vocab_size(model), seq_len)
+        del model  # freed before the ranks build theirs
     seq_len = batch["input_ids"].shape[1]
     results = run_on_local_ranks(
         _doctor_worker,
@@ -295,9 +373,9 @@ def _verdict(
         report.exact = loss_ok and grads_ok and not causes
         if not report.exact and not causes:
             for result in results:
-                for cause, value in result.get("fingerprints", []):
-                    if abs(result["loss"] - value) <= 1e-5 * max(abs(value), 1e-12) and cause not in causes:
-                        causes.append(cause)
+                cause = _WRONG_LOSS_CAUSES.get(closest_loss(result["loss"], result.get("fingerprints", [])) or "")
+                if cause is not None and cause not in causes:
+                    causes.append(cause)
     if load_balance and seq_len % (2 * cp_size):
         causes.append("padded_sequence")
     report.causes = causes

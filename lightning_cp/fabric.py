@@ -24,16 +24,16 @@ from typing import TYPE_CHECKING, Any
 
 from lightning.fabric.strategies import STRATEGY_REGISTRY
 from lightning.fabric.strategies import ModelParallelStrategy as FabricModelParallelStrategy
-from lightning.fabric.utilities.rank_zero import rank_zero_info
+from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.fabric.utilities.types import _PATH, Optimizable
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from lightning_cp.checkpoint import is_replicated_state, load_replicated_checkpoint, save_replicated_checkpoint
 from lightning_cp.gradients import average_replicated_gradients, check_sharded_parameters
 from lightning_cp.layout import Size
-from lightning_cp.strategy_base import DEFAULT_COLLECTIVE_TIMEOUT, ContextParallelMixin
+from lightning_cp.strategy_base import DEFAULT_COLLECTIVE_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT, ContextParallelMixin
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -55,6 +55,8 @@ class ContextParallelStrategy(ContextParallelMixin, FabricModelParallelStrategy)
         :class:`lightning_cp.strategy.ContextParallelStrategy`.
         deterministic: deterministic kernels only, so two runs of one configuration give identical losses.
         timeout: how long a collective may wait for the other ranks before the job fails (default 10 min).
+        heartbeat_timeout: a rank whose heartbeat is silent this long (stopped, frozen) is named and the job
+            ended (default 2 min; ``None``: never). Ctrl-C and SIGTERM end every rank within seconds either way.
         save_distributed_checkpoint, process_group_backend: as in Fabric's ``ModelParallelStrategy``.
     """
 
@@ -73,6 +75,7 @@ class ContextParallelStrategy(ContextParallelMixin, FabricModelParallelStrategy)
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = DEFAULT_COLLECTIVE_TIMEOUT,
+        heartbeat_timeout: timedelta | None = DEFAULT_HEARTBEAT_TIMEOUT,
     ) -> None:
         super().__init__(
             parallelize_fn=parallelize_fn or _replicate,
@@ -87,6 +90,7 @@ class ContextParallelStrategy(ContextParallelMixin, FabricModelParallelStrategy)
             data_parallel_size,
             tensor_parallel_size,
             deterministic=deterministic,
+            heartbeat_timeout=heartbeat_timeout,
             load_balance=load_balance,
             rotate_method=rotate_method,
             shift_labels=shift_labels,
@@ -152,9 +156,26 @@ class ContextParallelStrategy(ContextParallelMixin, FabricModelParallelStrategy)
     def context_parallel(
         self, batch: MutableMapping[str, Any], *, require_labels: bool = True
     ) -> Iterator[MutableMapping[str, Any]]:
-        """Shard ``batch`` in place for this rank and keep ring attention on: run forward and backward inside."""
+        """Shard ``batch`` in place for this rank and keep ring attention on: run forward and backward inside.
+
+        On the first training step, :meth:`backward` also checks the loss it is given (see there).
+        """
         with self.session.step(batch, require_labels=require_labels) as local:
+            self.session.watch_loss(self._modules, local)
             yield local
+
+    @override
+    def backward(self, tensor: Tensor, module: nn.Module | None, *args: Any, **kwargs: Any) -> None:
+        """As Fabric's; on the first training step, warn (rank zero) when the loss is one that is wrong under CP.
+
+        The warning names the mistake (labels shifted again, a per-shard mean, ...) and what to call instead.
+        """
+        warning = self.session.check_loss(
+            tensor, model_loss="model(**batch).loss", helper="strategy.token_correct_loss"
+        )
+        if warning is not None:
+            rank_zero_warn(warning)
+        super().backward(tensor, module, *args, **kwargs)
 
 
 STRATEGY_REGISTRY.register(

@@ -20,6 +20,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from lightning_cp.dispatch import active_context_parallel
+from lightning_cp.validation import ContextParallelInputError
 
 #: Hugging Face attention implementations whose attention goes through ``F.scaled_dot_product_attention``.
 _RING_ATTN_IMPLEMENTATIONS = ("sdpa",)
@@ -48,7 +49,7 @@ def find_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
 def _check_attn_implementation(name: str, module: nn.Module) -> None:
     implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
     if implementation is not None and implementation not in _RING_ATTN_IMPLEMENTATIONS:
-        raise ValueError(
+        raise ContextParallelInputError(
             f"Attention module `{name}` uses attn_implementation={implementation!r}, which does not go through"
             " `F.scaled_dot_product_attention`, so it would attend only to its own shard under context"
             " parallelism. Build the model with `attn_implementation='sdpa'`."
@@ -75,7 +76,7 @@ def sliding_window_of(module: nn.Module) -> int | None:
 def _check_window(module: nn.Module, global_seq_len: int | None) -> None:
     window = sliding_window_of(module)
     if window is not None and global_seq_len is not None and window < global_seq_len:
-        raise ValueError(
+        raise ContextParallelInputError(
             f"`{type(module).__name__}` uses a sliding window of {window} tokens, shorter than the sequence"
             f" ({global_seq_len}). Context-parallel attention is plain causal and would attend beyond the window."
             " Use sequences no longer than the window, or a model without sliding-window attention."
@@ -96,7 +97,7 @@ def _causal_pre_hook(
     _check_window(module, active.global_seq_len)
     causal = bool(getattr(module, "is_causal", True))
     if not causal and active.load_balance and active.documents is None:
-        raise ValueError(
+        raise ContextParallelInputError(
             f"`{type(module).__name__}` is not causal (is_causal=False); context parallelism with load balancing"
             " only supports causal attention. Turn load balancing off for bidirectional attention."
         )
@@ -114,7 +115,7 @@ def _require_position_ids(module: nn.Module, args: tuple[Any, ...], kwargs: dict
         return
     index = module._lightning_cp_position_index
     if index is None or index >= len(args) or args[index] is None:
-        raise ValueError(
+        raise ContextParallelInputError(
             f"`{type(module).__name__}` was called under context parallelism without `position_ids`: it would"
             " number each shard's tokens from 0. Pass the sharded batch's positions,"
             " e.g. `model(input_ids=batch['input_ids'], position_ids=batch['position_ids'])` or `model(**batch)`."
@@ -139,8 +140,9 @@ def attach_context_parallel_hooks(model: nn.Module) -> list[str]:
 
     Also makes the outermost modules that take ``position_ids`` refuse to run under CP without them:
     positions made by the model would restart at 0 in every shard. Returns the names of the attention
-    modules hooked (attaching twice is harmless: a module is hooked once). Raises ``ValueError`` for a
-    Hugging Face model whose attention implementation bypasses SDPA.
+    modules hooked (attaching twice is harmless: a module is hooked once). Raises a
+    ``ContextParallelInputError`` (a ``ValueError``) for a Hugging Face model whose attention
+    implementation bypasses SDPA.
     """
     for module in _outermost_position_aware_models(model):
         if not hasattr(module, "_lightning_cp_position_index"):

@@ -76,6 +76,16 @@ def resolve_layout(
     return ParallelLayout(dp, cp, tp)
 
 
+def describe_rank(mesh: DeviceMesh, rank: int) -> str:
+    """A global rank and its place in ``mesh``, for messages.
+
+    E.g. ``rank 3 (data-parallel rank 1, context-parallel rank 1)``; the tensor-parallel rank when tp > 1.
+    """
+    data, context, tensor = (mesh.mesh == rank).nonzero()[0].tolist()
+    tensor_part = f", tensor-parallel rank {tensor}" if mesh.mesh.size(2) > 1 else ""
+    return f"rank {rank} (data-parallel rank {data}, context-parallel rank {context}{tensor_part})"
+
+
 def build_device_mesh(layout: ParallelLayout, device: torch.device) -> tuple[DeviceMesh, DeviceMesh]:
     """Create the 3-D mesh (data, context, tensor) and its flattened data × context submesh."""
     mesh = init_device_mesh(

@@ -3,13 +3,14 @@
 Per micro-batch: check (now and then) that the CP group holds one batch, shift labels while the
 sequence is still whole, shard the batch, count the valid labels over the data × context ranks, and
 keep ring attention switched on across forward and backward. Hugging Face models' losses are made
-token-correct here, so a ``training_step`` that returns ``model(**batch).loss`` needs no change.
+token-correct here, so a ``training_step`` that returns ``model(**batch).loss`` needs no change; the
+first training step's loss is compared with losses that are wrong under CP (``loss_check``).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ from lightning_cp.functional import get_train_context
 from lightning_cp.hooks import attach_context_parallel_hooks
 from lightning_cp.layout import CONTEXT_PARALLEL, DATA_PARALLEL, TENSOR_PARALLEL
 from lightning_cp.loss import count_label_tokens, token_loss_sum
+from lightning_cp.loss_check import LossWatch
 from lightning_cp.packing import PackedLayout, gather_packed, is_packed, plan_packed_batch, shard_packed_batch
 from lightning_cp.sharding import gather_sequence
 from lightning_cp.te_batch import make_cp_batch_for_te, padded_packed_batch
@@ -45,7 +47,6 @@ class ShardedStep:
     layout: PackedLayout | None = None
     #: Whether the micro-batch went to Transformer Engine in THD format (TE runs its own ring).
     thd: bool = False
-    used_model_loss: bool = False
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -95,6 +96,8 @@ class ContextParallelSession:
         self._prepared: set[int] = set()
         self._context: ExitStack | None = None
         self._batches_seen = 0
+        self._loss_watch: LossWatch | None = None
+        self._loss_checked = False
 
     # ----------------------------------------------------------------------------------- model
     def prepare_model(self, module: nn.Module) -> list[str]:
@@ -113,7 +116,7 @@ class ContextParallelSession:
         if id(module) not in self._prepared:
             for submodule in module.modules():
                 if _is_hf_model(submodule):
-                    submodule.loss_function = self._token_correct_hf_loss(submodule.loss_function)
+                    submodule.loss_function = self._token_correct_hf_loss(_hf_loss_function(submodule))
             self._prepared.add(id(module))
         return names
 
@@ -138,7 +141,6 @@ class ContextParallelSession:
                     shift_labels=shift_labels,
                     **kwargs,
                 )
-            step.used_model_loss = True
             # Under CP the labels are aligned with positions already: the model must not shift them again.
             share = loss_function(
                 logits=logits,
@@ -162,6 +164,8 @@ class ContextParallelSession:
         """
         total = share.detach().clone()
         dist.all_reduce(total, group=self.data_context_mesh.get_group())
+        if self._loss_watch is not None:
+            self._loss_watch.record_token_correct(total)
         ranks = self.data_context_mesh.size()
         return total + ranks * (share - share.detach())
 
@@ -170,9 +174,39 @@ class ContextParallelSession:
         count = self.current.label_count if self.current is not None else None
         if count is None:
             count = count_label_tokens(labels, self.data_context_mesh)
-        if self.current is not None:
-            self.current.used_model_loss = True
         return self.globalize_loss(token_loss_sum(logits, labels) / count.clamp(min=1))
+
+    def watch_loss(self, modules: Iterable[nn.Module], batch: Mapping[str, Any]) -> None:
+        """Until :meth:`check_loss` or :meth:`finish`, keep what the first training step needs to judge its loss.
+
+        Call it after sharding ``batch``; it does nothing once a loss was checked, or without labels.
+        Hooks on ``modules`` and the Hugging Face models inside them keep the logits.
+        """
+        labels = batch.get("labels")
+        if self._loss_checked or self.current is None or not isinstance(labels, torch.Tensor):
+            return
+        watched = [sub for module in modules for sub in module.modules() if sub is module or _is_hf_model(sub)]
+        input_ids = batch.get("input_ids")
+        self._loss_watch = LossWatch(
+            watched,
+            labels,
+            input_ids if isinstance(input_ids, torch.Tensor) else None,
+            self.current.label_count,
+            self.data_context_mesh.size(),
+        )
+
+    def check_loss(self, loss: torch.Tensor | None, *, model_loss: str, helper: str) -> str | None:
+        """Judge the watched step's loss (see :class:`~lightning_cp.loss_check.LossWatch`) once; stop watching.
+
+        Returns the warning to show (what is wrong and what to call instead), or ``None`` when the loss
+        is right, when no step was watched, or when there is no loss to judge. No collectives.
+        """
+        watch, self._loss_watch = self._loss_watch, None
+        if watch is None:
+            return None
+        watch.close()
+        self._loss_checked = True
+        return None if loss is None else watch.check(loss, model_loss=model_loss, helper=helper)
 
     # ----------------------------------------------------------------------------------- batches
     def shard(self, batch: MutableMapping[str, Any], *, require_labels: bool) -> ShardedStep:
@@ -205,9 +239,9 @@ class ContextParallelSession:
         label_key = "shift_labels" if isinstance(local.get("shift_labels"), torch.Tensor) else "labels"
         label_count = None
         if isinstance(local.get(label_key), torch.Tensor):
+            # No `shift_labels` key is added: models without **kwargs would refuse it, and the wrapped
+            # Hugging Face loss already treats `labels` as aligned (see `_token_correct_hf_loss`).
             label_count = count_label_tokens(local[label_key], self.data_context_mesh)
-            if label_key == "labels" and self.shift_labels and not thd:
-                local["shift_labels"] = local["labels"]
         primary = source[primary_input_key(source)]
         batch.clear()
         batch.update(local)
@@ -257,6 +291,9 @@ class ContextParallelSession:
     def finish(self) -> ShardedStep | None:
         """Close the context and return the finished micro-batch's record."""
         self.close()
+        if self._loss_watch is not None:
+            self._loss_watch.close()
+            self._loss_watch = None
         step, self.current = self.current, None
         return step
 
@@ -329,4 +366,20 @@ def uses_transformer_engine_attention(module: nn.Module) -> bool:
 def _is_hf_model(module: nn.Module) -> bool:
     from transformers import PreTrainedModel
 
-    return isinstance(module, PreTrainedModel) and hasattr(module, "loss_function")
+    return isinstance(module, PreTrainedModel)
+
+
+def _hf_loss_function(model: nn.Module) -> Callable[..., torch.Tensor]:
+    """The function ``model.loss_function`` stands for, found as Hugging Face finds it, without its warning.
+
+    Reading HF's ``loss_function`` property on a model without a known ``loss_type`` warns once per
+    process (``loss_type=None ... unrecognized``): every base model is such a model (the ``LlamaModel``
+    inside ``LlamaForCausalLM``), and runs without CP never read the property there, as base models
+    compute no loss. HF falls back to the causal-LM loss, and so does this.
+    """
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    assigned = vars(model).get("_loss_function")  # set through the property's setter
+    if assigned is not None:
+        return assigned
+    return LOSS_MAPPING.get(getattr(model, "loss_type", None), LOSS_MAPPING["ForCausalLM"])

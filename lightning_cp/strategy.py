@@ -22,7 +22,7 @@ from typing_extensions import override
 from lightning_cp.checkpoint import is_replicated_state, load_replicated_checkpoint
 from lightning_cp.gradients import average_replicated_gradients, check_sharded_parameters
 from lightning_cp.layout import Size
-from lightning_cp.strategy_base import DEFAULT_COLLECTIVE_TIMEOUT, ContextParallelMixin
+from lightning_cp.strategy_base import DEFAULT_COLLECTIVE_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT, ContextParallelMixin
 
 
 class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
@@ -49,6 +49,8 @@ class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
         gather_predictions: gather predicted logits back to the full sequence in ``predict``.
         deterministic: deterministic kernels only, so two runs of one configuration give identical losses.
         timeout: how long a collective may wait for the other ranks before the job fails (default 10 min).
+        heartbeat_timeout: a rank whose heartbeat is silent this long (stopped, frozen) is named and the job
+            ended (default 2 min; ``None``: never). Ctrl-C and SIGTERM end every rank within seconds either way.
         save_distributed_checkpoint, process_group_backend: as in ``ModelParallelStrategy``.
     """
 
@@ -67,6 +69,7 @@ class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = DEFAULT_COLLECTIVE_TIMEOUT,
+        heartbeat_timeout: timedelta | None = DEFAULT_HEARTBEAT_TIMEOUT,
     ) -> None:
         super().__init__(
             data_parallel_size=data_parallel_size,
@@ -80,6 +83,7 @@ class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
             data_parallel_size,
             tensor_parallel_size,
             deterministic=deterministic,
+            heartbeat_timeout=heartbeat_timeout,
             load_balance=load_balance,
             rotate_method=rotate_method,
             shift_labels=shift_labels,

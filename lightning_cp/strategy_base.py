@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -9,9 +10,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lightning_cp.dispatch import validate_rotate_method
-from lightning_cp.layout import ParallelLayout, Size, build_device_mesh, resolve_layout, validate_size
+from lightning_cp.layout import (
+    CONTEXT_PARALLEL,
+    ParallelLayout,
+    Size,
+    build_device_mesh,
+    describe_rank,
+    resolve_layout,
+    validate_size,
+)
+from lightning_cp.rank_errors import install_same_error_hook
 from lightning_cp.replicas import broadcast_replicated_state
 from lightning_cp.session import ContextParallelSession
+from lightning_cp.watchdog import RankWatchdog
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -20,6 +31,10 @@ if TYPE_CHECKING:
 #: layer, so a rank that hangs stalls all the others at once; torch's 30 minutes is a long wait for
 #: that. Checkpointing a large model takes collectives too: raise it (``timeout=``) if that is slow.
 DEFAULT_COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+#: Default silence after which a rank counts as stopped (see Note [rank watchdog]). Far above any pause
+#: of a healthy process (a heartbeat thread runs while the main thread computes or waits), far below
+#: the collective timeout, which would blame the waiting ranks instead.
+DEFAULT_HEARTBEAT_TIMEOUT = timedelta(minutes=2)
 
 
 def enable_determinism() -> None:
@@ -41,7 +56,10 @@ class ContextParallelMixin:
     _tensor_parallel_size: Size
     _device_mesh: DeviceMesh | None
     world_size: int
+    global_rank: int
+    local_rank: int
     root_device: torch.device
+    launcher: Any
 
     def _init_context_parallel(
         self,
@@ -49,6 +67,7 @@ class ContextParallelMixin:
         data_parallel_size: Size,
         tensor_parallel_size: Size,
         deterministic: bool = False,
+        heartbeat_timeout: timedelta | None = DEFAULT_HEARTBEAT_TIMEOUT,
         **session_options: Any,
     ) -> None:
         """Check the arguments now (before any process starts) and keep them for the session."""
@@ -58,6 +77,8 @@ class ContextParallelMixin:
         validate_rotate_method(session_options["rotate_method"])
         self._cp_size = cp_size
         self._deterministic = deterministic
+        self._heartbeat_timeout = heartbeat_timeout
+        self._watchdog: RankWatchdog | None = None
         self._session_options = session_options
         self._layout: ParallelLayout | None = None
         self._session: ContextParallelSession | None = None
@@ -71,6 +92,36 @@ class ContextParallelMixin:
         )
         self._device_mesh, data_context_mesh = build_device_mesh(self._layout, self.root_device)
         self._session = ContextParallelSession(self._device_mesh, data_context_mesh, **self._session_options)
+        install_same_error_hook(self._session.cp_mesh)
+        self._start_watchdog()
+
+    def _start_watchdog(self) -> None:
+        """Start this rank's heartbeat and signal thread (Note [rank watchdog] in ``watchdog.py``)."""
+        if self._watchdog is not None or self.world_size == 1:
+            return
+        mesh = self._device_mesh
+        assert mesh is not None
+        timeout = self._heartbeat_timeout
+        self._watchdog = RankWatchdog(
+            self.global_rank,
+            peers=mesh[CONTEXT_PARALLEL].mesh.flatten().tolist(),
+            describe_rank=lambda rank: describe_rank(mesh, rank),
+            heartbeat_timeout=None if timeout is None else timeout.total_seconds(),
+            launched_pids=lambda: [process.pid for process in getattr(self.launcher, "procs", [])],
+            # Lightning's launcher starts ranks > 0 as its children: they must not outlive it.
+            watch_launcher=self.local_rank > 0,
+        ).start()
+        atexit.register(self._stop_watchdog)
+
+    def teardown(self) -> None:
+        """Stop the watchdog (telling the peers this rank finished), then Lightning's teardown."""
+        self._stop_watchdog()
+        super().teardown()  # type: ignore[misc]
+
+    def _stop_watchdog(self) -> None:
+        if self._watchdog is not None:
+            watchdog, self._watchdog = self._watchdog, None
+            watchdog.stop()
 
     def _synchronize_replicas(self, module: torch.nn.Module) -> None:
         """Copy rank 0's replicated weights to every rank, as DDP does: correct even if the user never seeded."""

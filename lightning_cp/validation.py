@@ -1,7 +1,9 @@
 """Input rules that CP checks up front, so bad input fails with a clear message before any collective.
 
 Every rule raises on each rank alike (they see the same batch and model), so no rank is left waiting
-in a ring. Where each rule is enforced:
+in a ring. The rules of this module, of batches, of packed documents and of the model hooks raise a
+:class:`ContextParallelInputError`, whose traceback :mod:`lightning_cp.rank_errors` then shows once
+instead of once per rank. Where each rule is enforced:
 
 * here: the sequence must give every rank real tokens (``check_sequence_fits``), query / key / value
   must share a dtype (``check_qkv``), tensor parallelism must divide the attention heads
@@ -23,7 +25,15 @@ import torch
 from torch import nn
 
 
-class ContextParallelBatchError(ValueError):
+class ContextParallelInputError(ValueError):
+    """Input that context parallelism refuses: a model, an attention call or a batch it would get wrong.
+
+    Raised on every rank of a CP group alike (they hold the same model and batch) and before any
+    collective, so :mod:`lightning_cp.rank_errors` shows its traceback once, on the group's first rank.
+    """
+
+
+class ContextParallelBatchError(ContextParallelInputError):
     """A batch that context parallelism cannot shard without changing the result."""
 
 
@@ -41,15 +51,17 @@ def check_sequence_fits(seq_len: int, cp_size: int, load_balance: bool) -> None:
 def check_ring_supported(attn_mask: Any, dropout_p: float, is_causal: bool, load_balance: bool) -> None:
     """Refuse what the ring cannot compute, on every rank alike and before any collective."""
     if attn_mask is not None:
-        raise ValueError(
+        raise ContextParallelInputError(
             "Context-parallel attention cannot apply an explicit `attn_mask`: each rank holds only a shard of"
             " the sequence. Use causal attention (`is_causal=True`); `attach_context_parallel_hooks(model)`"
             " makes Hugging Face attention modules drop their masks and run causal."
         )
     if dropout_p:
-        raise ValueError("Context-parallel attention does not support attention dropout; set `dropout_p=0`.")
+        raise ContextParallelInputError(
+            "Context-parallel attention does not support attention dropout; set `dropout_p=0`."
+        )
     if not is_causal and load_balance:
-        raise ValueError(
+        raise ContextParallelInputError(
             "Context parallelism with load balancing needs causal attention (`is_causal=True`): the head/tail"
             " layout only balances a causal mask. Turn load balancing off for non-causal attention."
         )
@@ -58,7 +70,7 @@ def check_ring_supported(attn_mask: Any, dropout_p: float, is_causal: bool, load
 def check_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
     """Refuse query / key / value of different dtypes (the ring's kernels and merges need one)."""
     if not query.dtype == key.dtype == value.dtype:
-        raise ValueError(
+        raise ContextParallelInputError(
             f"Context-parallel attention needs query, key and value of one dtype; got {query.dtype},"
             f" {key.dtype} and {value.dtype}. Cast them to one dtype (mixed precision under autocast is handled)."
         )
@@ -73,7 +85,7 @@ def check_tensor_parallel_heads(model: nn.Module, tensor_parallel_size: int) -> 
         for name in ("num_attention_heads", "num_key_value_heads"):
             heads = getattr(config, name, None)
             if isinstance(heads, int) and heads % tensor_parallel_size:
-                raise ValueError(
+                raise ContextParallelInputError(
                     f"tensor_parallel_size={tensor_parallel_size} does not divide the model's {name} ({heads}):"
                     " tensor parallelism splits attention by heads. Choose a tensor_parallel_size that divides it."
                 )

@@ -94,14 +94,18 @@ def test_hf_labels_helper_matches_models_shift():
     assert shift_labels(ids).tolist() == [[2, 3, -100]]
 
 
-def test_command_line_names_the_cause_for_a_factory_module():
-    result = subprocess.run(
-        [sys.executable, "-m", "lightning_cp", "doctor", "--module", "models:llama_with_sdpa_imported_by_name"],
+def _doctor_command_line(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_cp", "doctor", *args],
         capture_output=True,
         text=True,
         timeout=300,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
     )
+
+
+def test_command_line_names_the_cause_for_a_factory_module():
+    result = _doctor_command_line("--module", "models:llama_with_sdpa_imported_by_name")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "verdict: NOT EXACT" in result.stdout
     assert "likely cause [local_attention]" in result.stdout
@@ -114,3 +118,35 @@ def test_bad_arguments_are_refused_before_any_process_starts():
 
     with pytest.raises(SystemExit, match="--module expects 'package.module:factory'"):
         main(["doctor", "--module", "models"])
+
+
+def test_command_line_checks_a_model_that_is_not_from_hugging_face_with_its_own_loss():
+    model = ("--module", "plain_lm:plain_causal_lm", "--loss", "plain_lm:plain_lm_loss", "--vocab-size", "64")
+    result = _doctor_command_line(*model, "--seq-len", "64")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "verdict: EXACT within tolerance" in result.stdout
+    assert "attention calls under CP: 2, through the ring: 2" in result.stdout
+    assert "layers.0.self_attn" in result.stdout
+
+
+def test_command_line_asks_for_the_loss_of_a_model_that_is_not_from_hugging_face(capsys):
+    from lightning_cp.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["doctor", "--module", "plain_lm:plain_causal_lm", "--vocab-size", "64"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "`PlainCausalLM.forward` takes no `labels`" in error
+    assert "`check(factory, loss_fn=my_loss)`, or `--loss package.module:my_loss`" in error
+
+
+def test_command_line_asks_for_the_vocabulary_size_of_a_model_without_config(capsys):
+    from lightning_cp.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["doctor", "--module", "plain_lm:plain_causal_lm", "--loss", "plain_lm:plain_lm_loss"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "`PlainCausalLM` has no `config.vocab_size`" in error
+    assert "(its embeddings: `tokens` (64 rows), `positions` (256 rows))" in error
+    assert "`--vocab-size N`" in error

@@ -31,11 +31,26 @@ def test_functional_example_matches_cp1():
     assert difference < 1e-5
 
 
+#: Runs an example's ``--help`` as ``python examples/X.py --help`` would, then names the heavy modules it imported.
+_HELP_AND_HEAVY_IMPORTS = """
+import runpy, sys
+sys.argv = [sys.argv[1], "--help"]
+sys.path.insert(0, sys.argv[0].rpartition("/")[0])
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit:
+    pass
+print("heavy modules imported:", sorted({"torch", "lightning", "transformers"} & set(sys.modules)))
+"""
+
+
 @pytest.mark.parametrize(
     "example", ["trainer_llama_cp.py", "fabric_llama_cp.py", "functional_llama_cp.py", "packed_sequences_cp.py"]
 )
-def test_examples_explain_themselves(example):
-    assert "usage:" in _run(f"examples/{example}", "--help")
+def test_examples_explain_themselves_without_importing_torch(example):
+    log = _run("-c", _HELP_AND_HEAVY_IMPORTS, f"examples/{example}")
+    assert "usage:" in log
+    assert "heavy modules imported: []" in log, log
 
 
 def test_ci_runs_the_readme_test_command():

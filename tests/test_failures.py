@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -10,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
 
-from common import run_script  # noqa: E402
+from common import run_script, script_command  # noqa: E402
 
 BOUND_S = 120  # the collective timeout is 60 s; peers notice a dead rank much sooner
 
@@ -38,3 +41,87 @@ def test_a_rank_dying_mid_step_ends_the_others(tmp_path):
     log, returncode, elapsed = _fail(tmp_path, "--fail-rank", "1", "--die")
     assert returncode != 0 and elapsed < BOUND_S
     assert "lightning_cp: rank 0 (data-parallel rank 0, context-parallel rank 0) lost a peer" in log
+
+
+def _wait_for(predicate, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def _processes_left(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _run_with_a_stopped_rank(tmp_path: Path, *args: str, send: signal.Signals | None, to_group: bool = True):
+    """Launch a Trainer job whose rank 1 SIGSTOPs itself; optionally signal it as a terminal or scheduler would.
+
+    Returns the log, the launcher's exit code and the seconds from the stop (or the signal) to the end.
+    """
+    log_path = tmp_path / "log.txt"
+    command, env = script_command("trainer_llama.py", "--out", str(tmp_path / "r.pt"), "--stop-rank", "1", *args)
+    with open(log_path, "w") as log:
+        launcher = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    group = launcher.pid  # a new session: the launcher leads the process group its ranks inherit
+    try:
+        assert _wait_for(lambda: "stopping rank 1" in log_path.read_text(), 120), log_path.read_text()[-3000:]
+        time.sleep(2)  # rank 0 is now blocked in a collective with the stopped rank
+        started = time.monotonic()
+        if send is not None:
+            (os.killpg if to_group else os.kill)(group, send)  # Ctrl-C reaches the whole foreground group
+        returncode = launcher.wait(timeout=90)
+        elapsed = time.monotonic() - started
+        assert _wait_for(lambda: not _processes_left(group), 10), "a rank outlived the job"
+        return log_path.read_text(), returncode, elapsed
+    finally:
+        if _processes_left(group):
+            os.killpg(group, signal.SIGKILL)
+
+
+STOPPED = "stopped answering: rank 1 (data-parallel rank 0, context-parallel rank 1)"
+
+
+def test_ctrl_c_ends_a_job_with_a_stopped_rank_within_seconds_and_names_it(tmp_path):
+    log, returncode, elapsed = _run_with_a_stopped_rank(tmp_path, "--heartbeat-timeout", "0", send=signal.SIGINT)
+    assert returncode == 128 + signal.SIGINT and elapsed < 60, (returncode, elapsed, log[-3000:])
+    assert STOPPED in log and "SIGINT received" in log
+
+
+def test_sigterm_to_the_launcher_ends_a_job_with_a_stopped_rank_with_a_nonzero_code(tmp_path):
+    log, returncode, elapsed = _run_with_a_stopped_rank(
+        tmp_path, "--heartbeat-timeout", "0", send=signal.SIGTERM, to_group=False
+    )
+    assert returncode == 128 + signal.SIGTERM and elapsed < 60, (returncode, elapsed, log[-3000:])
+    assert STOPPED in log
+
+
+def test_a_stopped_rank_is_detected_named_and_the_job_ended(tmp_path):
+    log, returncode, elapsed = _run_with_a_stopped_rank(tmp_path, "--heartbeat-timeout", "5", send=None)
+    assert returncode != 0 and elapsed < 60, (returncode, elapsed, log[-3000:])
+    assert STOPPED in log and "no heartbeat" in log
+
+
+def test_sigterm_to_the_launcher_of_a_healthy_job_exits_nonzero_with_no_rank_left(tmp_path):
+    """Lightning stops gracefully on SIGTERM but exits 0; a scheduler must read a killed job as failed."""
+    log_path = tmp_path / "log.txt"
+    command, env = script_command(
+        "trainer_llama.py", "--out", str(tmp_path / "r.pt"), "--steps", "200", "--announce-steps"
+    )
+    with open(log_path, "w") as log:
+        launcher = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert _wait_for(lambda: "rank 0 training step 2" in log_path.read_text(), 120), log_path.read_text()[-3000:]
+        launcher.send_signal(signal.SIGTERM)
+        returncode = launcher.wait(timeout=60)
+        assert returncode == 128 + signal.SIGTERM, (returncode, log_path.read_text()[-3000:])
+        assert _wait_for(lambda: not _processes_left(launcher.pid), 10), "a rank outlived the job"
+    finally:
+        if _processes_left(launcher.pid):
+            os.killpg(launcher.pid, signal.SIGKILL)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import signal
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
@@ -23,7 +26,9 @@ class ContextParallelCallback(Callback):
     ``padding_mask`` (labels shifted first), and switches ring attention on from
     ``on_train_batch_start`` to ``on_train_batch_end``, so it spans forward *and* backward, with
     automatic or manual optimization and gradient accumulation; an exception switches it off.
-    Validation, test and prediction batches run under CP the same way.
+    Validation, test and prediction batches run under CP the same way. On the first training step it
+    compares the loss ``training_step`` returned with the losses that are wrong under CP and warns (rank
+    zero), naming the mistake and what to return instead.
 
     Args:
         log_throughput: log ``tokens_per_sec`` (global sequence tokens per second) to the progress bar.
@@ -32,7 +37,6 @@ class ContextParallelCallback(Callback):
     def __init__(self, log_throughput: bool = True) -> None:
         self.log_throughput = log_throughput
         self._announced = False
-        self._warned_loss = False
         self._started_at = 0.0
 
     @staticmethod
@@ -75,22 +79,25 @@ class ContextParallelCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._start_batch(trainer, batch, require_labels=True)
+        self._session(trainer).watch_loss([pl_module], batch)  # the first training step's only
         self._started_at = time.perf_counter()
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step = self._session(trainer).finish()
+        session = self._session(trainer)
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        warning = session.check_loss(
+            loss if isinstance(loss, torch.Tensor) else None,
+            model_loss="self.model(**batch).loss",
+            helper="self.trainer.strategy.token_correct_loss",
+        )
+        if warning is not None:
+            rank_zero_warn(warning)
+        step = session.finish()
         if step is None:
             return
-        if not step.used_model_loss and not self._warned_loss:
-            self._warned_loss = True
-            rank_zero_warn(
-                "lightning_cp: this training step's loss came neither from a Hugging Face model's `loss_function`"
-                " nor from `trainer.strategy.token_correct_loss(logits, batch['labels'])`. A per-shard mean is not"
-                " the loss of the whole sequence, and its gradient is off by the number of data × context ranks."
-            )
         if self.log_throughput:
             elapsed = max(time.perf_counter() - self._started_at, 1e-9)
             tokens = step.seq_len * step.batch_size * trainer.strategy.layout.data_parallel  # type: ignore[attr-defined]
@@ -125,3 +132,6 @@ class ContextParallelCallback(Callback):
         if session is not None:
             session.finish()
             session.report_failure(exception)
+        if isinstance(exception, SIGTERMException) and not exception.code:
+            # Lightning stops gracefully on SIGTERM and exits 0; a scheduler would read that as success.
+            exception.code = 128 + signal.SIGTERM

@@ -70,14 +70,20 @@ def save_rank_weights(out: str, rank: int, weights: dict[str, torch.Tensor]) -> 
         torch.save(weights, f"{out}.rank{rank}")
 
 
-def run_script(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run one of the scripts beside this file with a free master port; raise with its output on failure."""
+def script_command(script: str, *args: str) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment that run one of the scripts beside this file on a free master port."""
     from distributed_harness import free_port
 
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
     env.pop("LOCAL_RANK", None)
+    return [sys.executable, str(Path(__file__).with_name(script)), *args], env
+
+
+def run_script(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run one of the scripts beside this file with a free master port; return its completed process."""
+    command, env = script_command(script, *args)
     result = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name(script)), *args],
+        command,
         env=env,
         capture_output=True,
         text=True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 from datetime import timedelta
 
 import lightning as L
@@ -50,6 +51,11 @@ class LlamaModule(L.LightningModule):
             if self.args.die:
                 os._exit(3)  # a rank that dies without a word
             raise RuntimeError("injected failure")
+        if self.args.announce_steps:
+            print(f"rank {self.global_rank} training step {batch_idx}", flush=True)
+        if batch_idx == 1 and self.global_rank == self.args.stop_rank:
+            print(f"stopping rank {self.global_rank}", flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)  # a rank that stops answering without dying
         loss = self.model(**batch).loss
         self.log("train_loss", loss)
         self.train_losses.append(loss.detach().clone())
@@ -139,6 +145,9 @@ def main() -> None:
     parser.add_argument("--resume", help="checkpoint to resume from")
     parser.add_argument("--fail-rank", type=int, default=-1, help="this rank raises in its second training step")
     parser.add_argument("--die", action="store_true", help="with --fail-rank: the rank exits instead of raising")
+    parser.add_argument("--announce-steps", action="store_true", help="print a line at each training step")
+    parser.add_argument("--stop-rank", type=int, default=-1, help="this rank SIGSTOPs itself in its second step")
+    parser.add_argument("--heartbeat-timeout", type=float, default=120, help="seconds; 0: no hang detection")
     parser.add_argument("--deterministic", action="store_true")
     parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
     parser.add_argument("--timeout", type=float, default=600, help="collective timeout in seconds")
@@ -157,6 +166,7 @@ def main() -> None:
             data_parallel_size=args.dp,
             save_distributed_checkpoint=not args.consolidated,
             timeout=timedelta(seconds=args.timeout),
+            heartbeat_timeout=timedelta(seconds=args.heartbeat_timeout) if args.heartbeat_timeout else None,
             deterministic=args.deterministic,
         ),
         callbacks=([] if args.no_callback else [ContextParallelCallback()]) + _checkpointing(args),
