@@ -33,7 +33,7 @@ from common import (  # noqa: E402
 
 import lightning_cp as lcp  # noqa: E402
 from lightning_cp.launch import run_on_local_ranks  # noqa: E402
-from lightning_cp.session import shift_labels  # noqa: E402
+from lightning_cp.sharding.batch import next_token_labels  # noqa: E402
 
 
 def _worker(rank: int, world_size: int, args: argparse.Namespace) -> dict:
@@ -45,7 +45,7 @@ def _worker(rank: int, world_size: int, args: argparse.Namespace) -> dict:
 
     def train_step(seq_len: int) -> None:
         batch = lm_batch(seq_len, args.batch_size, device)
-        batch["labels"] = shift_labels(batch["labels"])
+        batch["labels"] = next_token_labels(batch["labels"])
         train_ctx, local = lcp.make_cp_batch_and_ctx(mesh, batch)
         labels = local.pop("labels")
         with train_ctx():

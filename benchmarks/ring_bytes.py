@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import backend_for, print_table, rank_device, save_plot  # noqa: E402
 
 import lightning_cp  # noqa: E402,F401  (installs the CPU ring)
-from lightning_cp.cpu_ring import _cp_attention_module  # noqa: E402
-from lightning_cp.dispatch import ring_attention  # noqa: E402
+from lightning_cp.attention.cpu_ring import _cp_attention_module  # noqa: E402
+from lightning_cp.attention.switch import ring_attention  # noqa: E402
 from lightning_cp.launch import run_on_local_ranks  # noqa: E402
-from lightning_cp.sharding import shard_sequence  # noqa: E402
+from lightning_cp.sharding.sequence import shard_sequence  # noqa: E402
 
 
 class _CountingRotater:

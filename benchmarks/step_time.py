@@ -29,7 +29,7 @@ from common import llama, lm_batch, print_table, save_plot  # noqa: E402
 import lightning_cp as lcp  # noqa: E402
 from lightning_cp.callbacks import ContextParallelCallback  # noqa: E402
 from lightning_cp.consistency import check_same_batch  # noqa: E402
-from lightning_cp.session import shift_labels  # noqa: E402
+from lightning_cp.sharding.batch import next_token_labels  # noqa: E402
 
 
 class _Module(L.LightningModule):
@@ -65,7 +65,7 @@ def _functional_steps(args: argparse.Namespace, mesh: object, samples: list[dict
     for sample in samples:
         start = time.perf_counter()
         batch = {key: value.unsqueeze(0).to(device) for key, value in sample.items()}
-        batch["labels"] = shift_labels(batch["labels"])
+        batch["labels"] = next_token_labels(batch["labels"])
         train_ctx, local = lcp.make_cp_batch_and_ctx(mesh, batch)
         labels = local.pop("labels")
         with train_ctx():

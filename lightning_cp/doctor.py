@@ -22,13 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_cp.batch import IGNORE_INDEX
-from lightning_cp.cpu_ring import _cp_attention_module
-from lightning_cp.gradients import average_replicated_gradients
+from lightning_cp.attention import counting_ring_calls
 from lightning_cp.hooks import find_attention_modules
 from lightning_cp.launch import run_on_local_ranks
-from lightning_cp.layout import build_device_mesh, resolve_layout
 from lightning_cp.loss_check import closest_loss, wrong_losses
+from lightning_cp.mesh import build_device_mesh, resolve_layout
+from lightning_cp.sharding.batch import IGNORE_INDEX
+from lightning_cp.strategies.gradients import average_replicated_gradients
 
 if TYPE_CHECKING:
     from lightning_cp.session import ContextParallelSession
@@ -191,7 +191,7 @@ def _reference_batch(batch: dict[str, torch.Tensor], shift_labels: bool) -> dict
     Hugging Face labels are shifted (aligned with positions) and also passed as ``shift_labels``, so a
     Hugging Face model does not shift them again and a loss of your own sees aligned labels in both runs.
     """
-    from lightning_cp.session import shift_labels as shifted
+    from lightning_cp.sharding.batch import next_token_labels as shifted
 
     reference = {key: value.clone() for key, value in batch.items()}
     if shift_labels and "shift_labels" not in reference:
@@ -247,12 +247,6 @@ def _doctor_worker(
     calls = {"attention": 0, "ring": 0}
     for module in find_attention_modules(model).values():
         module.register_forward_pre_hook(lambda *_: calls.__setitem__("attention", calls["attention"] + 1))
-    attention = _cp_attention_module()
-    ring = attention._templated_ring_attention
-
-    def counted_ring(*args: Any, **kwargs: Any) -> Any:
-        calls["ring"] += 1
-        return ring(*args, **kwargs)
 
     captured: dict[str, torch.Tensor] = {}
 
@@ -263,14 +257,14 @@ def _doctor_worker(
 
     model.register_forward_hook(capture_logits)
     result: dict[str, Any] = {"reference_loss": float(reference_loss.detach()), "attention_modules": attention_modules}
-    attention._templated_ring_attention = counted_ring
     _cp_session = session
     try:
         session.prepare_model(model)
         local = dict(batch)
-        with session.step(local):
+        with counting_ring_calls() as ring_calls, session.step(local):
             loss = loss_fn(model, local)
             loss.backward()
+        calls["ring"] = ring_calls["ring"]
         average_replicated_gradients(model, data_context_mesh)
         result["loss"] = float(loss.detach())
         result["grad_differences"] = _relative_grad_differences(model, reference_grads)
@@ -279,7 +273,6 @@ def _doctor_worker(
     except ValueError as err:
         result["error"] = str(err)
     finally:
-        attention._templated_ring_attention = ring
         _cp_session = None
     result["calls"] = calls
     return result

@@ -7,7 +7,14 @@ Typical use, once per micro-batch::
         loss = loss_fn(model(**batch).logits, batch["labels"])
         loss.backward()
 
-One difference from the seed, on purpose: the batch is sharded out of place when
+It also holds the frozen-target functions (:func:`make_target_cp_ctx`, :func:`gather_cp_seq`): CP for a
+forward whose outputs are needed in full (a teacher, a speculative-decoding target), sharded contiguously
+(the shards are thrown away after one forward, so balancing buys nothing, and the gather is then a plain
+ordered concatenation); unlike NeMo's, nothing process-wide is left changed after the context exits.
+
+This module is the facade only: nothing inside the package imports it.
+
+One difference from NeMo AutoModel's ``cp_utils``, on purpose: the batch is sharded out of place when
 ``make_cp_batch_and_ctx`` returns, not in place when the context is entered. The returned batch is
 what goes into the model, inside or outside the context, and tensors that require grad
 (``inputs_embeds``) keep their autograd history.
@@ -22,17 +29,15 @@ from typing import Any
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
-from lightning_cp.batch import shard_cp_batch
-from lightning_cp.cpu_ring import _cp_attention_module
-from lightning_cp.dispatch import ring_attention, validate_rotate_method
+from lightning_cp import attention
+from lightning_cp.attention.switch import RING_SDPA_BACKENDS, ring_attention, validate_rotate_method
 from lightning_cp.mesh import cp_submesh, mesh_size
-from lightning_cp.packing import is_packed, plan_packed_batch, shard_packed_batch
-from lightning_cp.te_batch import make_cp_batch_for_te
-
-#: SDPA kernels that torch's ring can run (CPU's flash kernel counts as FLASH_ATTENTION).
-RING_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+from lightning_cp.sharding.batch import default_position_ids, pad_sequence_field, shard_cp_batch
+from lightning_cp.sharding.packing import is_packed, plan_packed_batch, shard_packed_batch
+from lightning_cp.sharding.sequence import gather_sequence, shard_sequence
+from lightning_cp.sharding.te_batch import make_cp_batch_for_te
 
 
 def get_train_context(
@@ -55,7 +60,7 @@ def get_train_context(
 
                 stack.enter_context(loss_parallel())
             if enable_compiled_autograd:
-                stack.enter_context(torch._dynamo.utils.maybe_enable_compiled_autograd(True))
+                stack.enter_context(attention.compiled_autograd())
             if cp_context is not None:
                 stack.enter_context(sdpa_kernel(RING_SDPA_BACKENDS))
                 stack.enter_context(cp_context)
@@ -80,17 +85,16 @@ def create_context_parallel_ctx(
     """
     from torch.distributed.tensor.experimental import context_parallel
 
-    options = _cp_attention_module()._cp_options
-    saved_rotate_method = options.rotate_method
+    saved_rotate_method = attention.rotate_method()
     try:
         if cp_rotate_method is not None:
-            _cp_attention_module().set_rotate_method(validate_rotate_method(cp_rotate_method))
+            attention.set_rotate_method(validate_rotate_method(cp_rotate_method))
         with context_parallel(
             cp_mesh, buffers=cp_buffers, buffer_seq_dims=cp_seq_dims, no_restore_buffers=cp_no_restore_buffers
         ):
             yield
     finally:
-        options.rotate_method = saved_rotate_method
+        attention.set_rotate_method(saved_rotate_method)
 
 
 def make_cp_batch_and_ctx(
@@ -120,7 +124,7 @@ def make_cp_batch_and_ctx(
     the wrong successor. Enter ``train_ctx()`` around forward *and* backward.
 
     A packed batch (``cu_seqlens`` / ``seq_lens`` keys, or ``position_ids`` that restart per document)
-    is laid out per document and attention is masked per document (:mod:`lightning_cp.packing`).
+    is laid out per document and attention is masked per document (:mod:`lightning_cp.sharding.packing`).
     ``use_te=True`` instead returns this rank's THD batch for Transformer Engine attention, which runs
     its own ring, as :func:`lightning_cp.te_batch.make_cp_batch_for_te` describes (``num_chunks`` and
     ``seq_lens_padding_value`` apply there).
@@ -158,3 +162,54 @@ def make_cp_batch_and_ctx(
         return get_train_context(enable_loss_parallel, False, ring)()
 
     return train_ctx, sharded
+
+
+def _shard_in_place(buffer: torch.Tensor, cp_mesh: DeviceMesh) -> None:
+    shard = shard_sequence(buffer, 1, cp_mesh.size(), cp_mesh.get_local_rank(), load_balance=False)
+    buffer.resize_(shard.shape)
+    buffer.copy_(shard)
+
+
+def make_target_cp_ctx(
+    cp_mesh: DeviceMesh, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> tuple[AbstractContextManager[None], torch.Tensor, torch.Tensor, int]:
+    """Prepare a frozen model's forward under CP: ``(cp_ctx, input_ids_buf, position_ids_buf, orig_len)``.
+
+    The buffers are fresh copies right-padded to a multiple of the CP size (``position_ids``, an
+    arange when omitted, are expanded to the batch). Entering ``cp_ctx`` shards them in place to this
+    rank's contiguous chunk and switches ring attention on; run the model on the buffers inside it and
+    bring outputs back with :func:`gather_cp_seq` and ``orig_len``.
+    """
+    orig_len = input_ids.size(1)
+    cp_size = cp_mesh.size()
+    pad_len = -orig_len % cp_size
+    if position_ids is None:
+        position_ids = default_position_ids(orig_len, input_ids.device)
+    ids_buf = pad_sequence_field("input_ids", input_ids, pad_len).clone()
+    pos_buf = pad_sequence_field("position_ids", position_ids, pad_len).expand(input_ids.size(0), -1).clone()
+
+    @contextlib.contextmanager
+    def cp_ctx() -> Iterator[None]:
+        _shard_in_place(ids_buf, cp_mesh)
+        _shard_in_place(pos_buf, cp_mesh)
+        with ring_attention(cp_mesh, load_balance=False, global_seq_len=orig_len + pad_len):
+            yield
+
+    return cp_ctx(), ids_buf, pos_buf, orig_len
+
+
+def gather_cp_seq(
+    cp_mesh: DeviceMesh,
+    tensors: list[torch.Tensor],
+    seq_dim: int,
+    orig_len: int,
+    *,
+    load_balance: bool = False,
+) -> list[torch.Tensor]:
+    """Gather CP-sharded ``tensors`` back to full sequences of length ``orig_len`` along ``seq_dim``.
+
+    The inverse of :func:`make_target_cp_ctx`'s sharding (contiguous chunks); pass
+    ``load_balance=True`` for outputs of a batch sharded by :func:`make_cp_batch_and_ctx`. The gather
+    is differentiable, so it also serves losses that need the whole sequence.
+    """
+    return [gather_sequence(t, cp_mesh, seq_dim, load_balance).narrow(seq_dim, 0, orig_len) for t in tensors]

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from lightning_cp.dispatch import active_context_parallel
+from lightning_cp.attention.switch import active_context_parallel
 from lightning_cp.validation import ContextParallelInputError
 
 #: Hugging Face attention implementations whose attention goes through ``F.scaled_dot_product_attention``.
@@ -164,21 +164,21 @@ def attach_cp_sdpa_hooks(model: nn.Module, cp_mesh: DeviceMesh) -> None:
     """Keep the ring running when decoder layers are compiled with ``torch.compile``.
 
     For the duration of each self-attention forward, ``F.scaled_dot_product_attention`` is swapped for
-    a ``torch._dynamo.disable``-d call of the SDPA installed at that moment: Dynamo breaks the graph
+    a ``torch.compiler.disable``-d call of the SDPA installed at that moment: Dynamo breaks the graph
     there and never traces SDPA on local tensors. Under a CP context that SDPA is the ring's (it checks
     its inputs and re-wraps the local Q/K/V as DTensors sharded on the CP mesh); outside it is plain
-    SDPA. The projections before and after stay compiled. ``cp_mesh`` keeps the seed's signature; the
-    ring runs on the mesh of the CP context that is open.
+    SDPA. The projections before and after stay compiled. ``cp_mesh`` is unused, kept for NeMo
+    AutoModel's signature; the ring runs on the mesh of the CP context that is open.
     """
     saved: list[Any] = []
 
-    @torch._dynamo.disable
+    @torch.compiler.disable
     def install(module: nn.Module, args: tuple[Any, ...]) -> None:
         installed = F.scaled_dot_product_attention
         saved.append(installed)
-        F.scaled_dot_product_attention = torch._dynamo.disable(installed)
+        F.scaled_dot_product_attention = torch.compiler.disable(installed)
 
-    @torch._dynamo.disable
+    @torch.compiler.disable
     def restore(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         F.scaled_dot_product_attention = saved.pop()
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 
-from lightning_cp.batch import IGNORE_INDEX
+from lightning_cp.sharding.batch import IGNORE_INDEX
 
 Group = DeviceMesh | dist.ProcessGroup | None
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from lightning_cp.batch import IGNORE_INDEX
+from lightning_cp.sharding.batch import IGNORE_INDEX
 
 Candidates = list[tuple[str, float]]
 

@@ -1,13 +1,109 @@
-"""Finding the context- and tensor-parallel dimensions of a device mesh by name."""
+"""The device mesh in one place: the data × context × tensor parallel sizes, names, and building of it.
+
+Like torchtitan's ``parallel_dims.py``: sizes are resolved and checked here, the mesh is built here,
+and submeshes are found here by name.
+
+The mesh keeps Lightning's dimension names, so existing ``configure_model`` code keeps working, and
+adds ``"context_parallel"`` plus the flattened ``"data_context_parallel"`` dimension (data × context)
+over which FSDP2 shards parameters and gradients are reduced.
+"""
 
 from __future__ import annotations
 
-from torch.distributed.device_mesh import DeviceMesh
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from lightning_cp.attention import flatten_mesh
+
+DATA_PARALLEL = "data_parallel"
+CONTEXT_PARALLEL = "context_parallel"
+TENSOR_PARALLEL = "tensor_parallel"
+DATA_CONTEXT_PARALLEL = "data_context_parallel"
+
+Size = int | Literal["auto"]
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """How many ranks each kind of parallelism spans; their product is the world size."""
+
+    data_parallel: int
+    context_parallel: int
+    tensor_parallel: int
+
+    def describe(self) -> str:
+        """One line for the logs, e.g. ``data_parallel=1 × context_parallel=2 × tensor_parallel=1``."""
+        return (
+            f"{DATA_PARALLEL}={self.data_parallel} × {CONTEXT_PARALLEL}={self.context_parallel}"
+            f" × {TENSOR_PARALLEL}={self.tensor_parallel}"
+        )
+
+
+def validate_size(name: str, value: Size) -> None:
+    """Refuse a parallel size that is neither ``"auto"`` nor a positive int, naming the argument."""
+    if value != "auto" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"`{name}` must be a positive int or 'auto', got {value!r}.")
+
+
+def resolve_layout(
+    world_size: int, cp_size: Size, data_parallel_size: Size, tensor_parallel_size: Size
+) -> ParallelLayout:
+    """Fill in ``"auto"`` sizes and check that data × context × tensor parallel equals the world size.
+
+    ``"auto"`` takes whatever the explicit sizes leave: the context-parallel size first (all ranks
+    not used by data and tensor parallelism), else the data-parallel size. Tensor parallel ``"auto"``
+    means 1.
+    """
+    for name, value in (("cp_size", cp_size), ("data_parallel_size", data_parallel_size)):
+        validate_size(name, value)
+    validate_size("tensor_parallel_size", tensor_parallel_size)
+    tp = 1 if tensor_parallel_size == "auto" else tensor_parallel_size
+    if cp_size == "auto":
+        dp = 1 if data_parallel_size == "auto" else data_parallel_size
+        cp = world_size // (dp * tp) if world_size % (dp * tp) == 0 else 0
+    else:
+        cp = cp_size
+        if world_size % cp:
+            raise ValueError(
+                f"cp_size={cp} does not divide the world size ({world_size} processes). Choose a cp_size that"
+                " divides the number of devices × nodes, or change `devices`."
+            )
+        dp = world_size // (cp * tp) if data_parallel_size == "auto" else data_parallel_size
+    if dp * cp * tp != world_size or cp < 1:
+        raise ValueError(
+            f"data_parallel_size × cp_size × tensor_parallel_size = {dp} × {cp} × {tp} does not equal the world"
+            f" size ({world_size} processes). Set the sizes so that their product is {world_size}, or leave"
+            " data_parallel_size='auto'."
+        )
+    return ParallelLayout(dp, cp, tp)
+
+
+def describe_rank(mesh: DeviceMesh, rank: int) -> str:
+    """A global rank and its place in ``mesh``, for messages.
+
+    E.g. ``rank 3 (data-parallel rank 1, context-parallel rank 1)``; the tensor-parallel rank when tp > 1.
+    """
+    data, context, tensor = (mesh.mesh == rank).nonzero()[0].tolist()
+    tensor_part = f", tensor-parallel rank {tensor}" if mesh.mesh.size(2) > 1 else ""
+    return f"rank {rank} (data-parallel rank {data}, context-parallel rank {context}{tensor_part})"
+
+
+def build_device_mesh(layout: ParallelLayout, device: torch.device) -> tuple[DeviceMesh, DeviceMesh]:
+    """Create the 3-D mesh (data, context, tensor) and its flattened data × context submesh."""
+    mesh = init_device_mesh(
+        device.type,
+        (layout.data_parallel, layout.context_parallel, layout.tensor_parallel),
+        mesh_dim_names=(DATA_PARALLEL, CONTEXT_PARALLEL, TENSOR_PARALLEL),
+    )
+    data_context_mesh = flatten_mesh(mesh[DATA_PARALLEL, CONTEXT_PARALLEL], DATA_CONTEXT_PARALLEL)
+    return mesh, data_context_mesh
+
 
 #: Names accepted for the context-parallel mesh dimension (ours first, then NeMo AutoModel's).
 CP_DIM_NAMES: tuple[str, ...] = ("context_parallel", "cp")
-#: Names accepted for the tensor-parallel mesh dimension.
-TP_DIM_NAMES: tuple[str, ...] = ("tensor_parallel", "tp")
 
 
 def find_submesh(device_mesh: DeviceMesh | None, names: tuple[str, ...]) -> DeviceMesh | None:
@@ -28,11 +124,6 @@ def find_submesh(device_mesh: DeviceMesh | None, names: tuple[str, ...]) -> Devi
 def cp_submesh(device_mesh: DeviceMesh | None) -> DeviceMesh | None:
     """The context-parallel submesh of ``device_mesh`` ("context_parallel" or "cp"), or ``None``."""
     return find_submesh(device_mesh, CP_DIM_NAMES)
-
-
-def tp_submesh(device_mesh: DeviceMesh | None) -> DeviceMesh | None:
-    """The tensor-parallel submesh of ``device_mesh`` ("tensor_parallel" or "tp"), or ``None``."""
-    return find_submesh(device_mesh, TP_DIM_NAMES)
 
 
 def mesh_size(mesh: DeviceMesh | None) -> int:

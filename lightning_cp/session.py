@@ -20,17 +20,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from lightning_cp.batch import IGNORE_INDEX, primary_input_key, shard_cp_batch
+from lightning_cp.attention.switch import ring_attention
 from lightning_cp.consistency import check_same_batch
-from lightning_cp.dispatch import ring_attention
-from lightning_cp.functional import get_train_context
-from lightning_cp.hooks import attach_context_parallel_hooks
-from lightning_cp.layout import CONTEXT_PARALLEL, DATA_PARALLEL, TENSOR_PARALLEL
+from lightning_cp.hooks import attach_context_parallel_hooks, attach_cp_sdpa_hooks
 from lightning_cp.loss import count_label_tokens, token_loss_sum
 from lightning_cp.loss_check import LossWatch
-from lightning_cp.packing import PackedLayout, gather_packed, is_packed, plan_packed_batch, shard_packed_batch
-from lightning_cp.sharding import gather_sequence
-from lightning_cp.te_batch import make_cp_batch_for_te, padded_packed_batch
+from lightning_cp.mesh import CONTEXT_PARALLEL, DATA_PARALLEL, TENSOR_PARALLEL
+from lightning_cp.sharding.batch import IGNORE_INDEX, next_token_labels, primary_input_key, shard_cp_batch
+from lightning_cp.sharding.packing import PackedLayout, gather_packed, is_packed, plan_packed_batch, shard_packed_batch
+from lightning_cp.sharding.sequence import gather_sequence
+from lightning_cp.sharding.te_batch import make_cp_batch_for_te, padded_packed_batch
 from lightning_cp.validation import check_tensor_parallel_heads
 
 
@@ -47,11 +46,6 @@ class ShardedStep:
     layout: PackedLayout | None = None
     #: Whether the micro-batch went to Transformer Engine in THD format (TE runs its own ring).
     thd: bool = False
-
-
-def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Next-token labels aligned with their positions (``out[:, i] = labels[:, i + 1]``, last ignored)."""
-    return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], ignore_index)], dim=1)
 
 
 class ContextParallelSession:
@@ -114,6 +108,8 @@ class ContextParallelSession:
         if self.transformer_engine is None:
             self.transformer_engine = uses_transformer_engine_attention(module)
         if id(module) not in self._prepared:
+            # Both model fixes at setup: masks dropped under CP, and SDPA kept out of compiled graphs.
+            attach_cp_sdpa_hooks(module, self.cp_mesh)
             for submodule in module.modules():
                 if _is_hf_model(submodule):
                     submodule.loss_function = self._token_correct_hf_loss(_hf_loss_function(submodule))
@@ -226,7 +222,7 @@ class ContextParallelSession:
         else:
             layout = None
             if self.shift_labels and isinstance(source.get("labels"), torch.Tensor) and "shift_labels" not in source:
-                source["labels"] = shift_labels(source["labels"])
+                source["labels"] = next_token_labels(source["labels"])
             local, padded_len = shard_cp_batch(
                 source,
                 self.cp_mesh.size(),
@@ -279,7 +275,7 @@ class ContextParallelSession:
                 global_seq_len=self.current.padded_len if layout is None else layout.longest_document,
                 documents=layout,
             )
-            stack.enter_context(get_train_context(False, False, ring)())
+            stack.enter_context(ring)
         self._context = stack
 
     def close(self) -> None:

@@ -9,7 +9,8 @@ timeout then blames the waiting rank, and the stopped rank outlives the job. So 
 daemon thread that
 
 1. publishes a heartbeat (a counter, its host and pid) in the job's rendezvous store every second and
-   reads its context-parallel peers' heartbeats, through its own store connection with a short timeout;
+   reads its context-parallel peers' heartbeats, through its own store connection with a short timeout
+   (``MASTER_ADDR`` / ``MASTER_PORT``, as every torch launcher sets them; without them, no heartbeat);
 2. declares a peer that has not moved its counter for ``heartbeat_timeout`` stopped, names it (global,
    data- and context-parallel rank, host, pid) and ends the job;
 3. hears SIGINT / SIGTERM through ``signal.set_wakeup_fd`` (written by the C-level handler even while the
@@ -33,8 +34,8 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 
+import torch.distributed as dist
 from torch.distributed import DistStoreError
-from torch.distributed.distributed_c10d import _get_default_store
 
 _KEY = "lightning_cp/heartbeat/{rank}"
 _FINISHED = "finished"
@@ -44,6 +45,14 @@ HEARTBEAT_INTERVAL = 1.0
 SIGNAL_GRACE = 5.0
 #: A peer silent for this many heartbeats is named as the one not answering when the job is interrupted.
 _SILENT_BEATS = 3
+
+
+def _rendezvous_store(timeout: timedelta) -> dist.Store | None:
+    """A connection of our own to the job's rendezvous store (its short timeout leaves the job's alone)."""
+    host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not host or not port:
+        return None
+    return dist.TCPStore(host, int(port), is_master=False, timeout=timeout, wait_for_workers=False)
 
 
 class RankWatchdog:
@@ -74,8 +83,7 @@ class RankWatchdog:
         self.heartbeat_timeout = heartbeat_timeout
         self.launched_pids = launched_pids
         self._launcher_pid = os.getppid() if watch_launcher else None
-        self._store = _get_default_store().clone()
-        self._store.set_timeout(timedelta(seconds=max(5 * HEARTBEAT_INTERVAL, 5.0)))
+        self._store = _rendezvous_store(timedelta(seconds=max(5 * HEARTBEAT_INTERVAL, 5.0)))
         self._stop = threading.Event()
         self._signal_read, self._signal_write = os.pipe()
         os.set_blocking(self._signal_write, False)
@@ -103,7 +111,8 @@ class RankWatchdog:
         if self._previous_wakeup_fd is not None:
             signal.set_wakeup_fd(self._previous_wakeup_fd)
         try:
-            self._store.set(_KEY.format(rank=self.rank), _FINISHED)
+            if self._store is not None:
+                self._store.set(_KEY.format(rank=self.rank), _FINISHED)
         except DistStoreError:
             pass  # the store's host has gone already: nobody is left to watch us
         os.close(self._signal_read)
@@ -125,8 +134,9 @@ class RankWatchdog:
                     signalled = (terminating[0], time.monotonic())
             beats += 1
             try:
-                self._store.set(_KEY.format(rank=self.rank), f"{beats} {host} {pid}")
-                self._read_peers()
+                if self._store is not None:
+                    self._store.set(_KEY.format(rank=self.rank), f"{beats} {host} {pid}")
+                    self._read_peers()
             except DistStoreError as error:
                 if "timeout" not in str(error).lower():
                     return  # the store's host exited: the job is ending, nothing to watch
@@ -141,6 +151,7 @@ class RankWatchdog:
                 self._end("no heartbeat for more than the heartbeat timeout", code=1, stopped=stopped)
 
     def _read_peers(self) -> None:
+        assert self._store is not None
         if not self.peers:
             return
         now = time.monotonic()
@@ -156,6 +167,7 @@ class RankWatchdog:
                 self._peer_places[peer] = (peer_host, int(peer_pid))
 
     def _all_published(self) -> bool:
+        assert self._store is not None
         # multi_get waits for missing keys: read only once every watched peer has published.
         return self._store.check([_KEY.format(rank=peer) for peer in self._peer_beats])
 

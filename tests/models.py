@@ -6,7 +6,7 @@ import torch
 from torch.nn.functional import scaled_dot_product_attention as sdpa_imported_by_name
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
-from lightning_cp.session import shift_labels
+from lightning_cp.sharding.batch import next_token_labels
 
 _TINY = dict(
     vocab_size=256,
@@ -36,7 +36,7 @@ def lm_batch(batch_size: int = 2, seq_len: int = 130, ignored_share: float = 1 /
     """
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(1, 256, (batch_size, seq_len), generator=generator)
-    labels = shift_labels(input_ids)
+    labels = next_token_labels(input_ids)
     ignored = int(ignored_share * batch_size * seq_len)
     labels.view(-1)[:ignored] = -100
     return {"input_ids": input_ids, "labels": labels}

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lightning_cp import ContextParallelBatchError, make_cp_batch_and_ctx
-from lightning_cp.batch import pad_sequence_field, shard_cp_batch, validate_cp_batch
-from lightning_cp.sharding import restore_order, shard_positions, shard_sequence
+from lightning_cp.sharding.batch import pad_sequence_field, shard_cp_batch, validate_cp_batch
+from lightning_cp.sharding.sequence import restore_order, shard_positions, shard_sequence
 
 
 @pytest.mark.parametrize("cp_size", [1, 2, 4])

@@ -7,15 +7,11 @@ final weights: bit for bit with the same layout, within fp32 tolerance with anot
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-
-from common import run_script  # noqa: E402
+from common import run_script
 
 # momentum: the optimizer has state that must come back too
 EPOCHS = ("--epochs", "3", "--steps", "2", "--lr", "0.5", "--momentum", "0.9")

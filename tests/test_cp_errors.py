@@ -10,7 +10,7 @@ from models import lm_batch, mistral_with_short_window, tiny_causal_lm
 from torch.distributed.device_mesh import init_device_mesh
 
 from lightning_cp import attach_context_parallel_hooks, make_cp_batch_and_ctx
-from lightning_cp.dispatch import active_context_parallel, ring_attention
+from lightning_cp.attention.switch import active_context_parallel, ring_attention
 from lightning_cp.hooks import find_attention_modules
 
 
@@ -55,7 +55,7 @@ def _error_cases(rank: int, world_size: int) -> dict:
         and F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
     )
     reference = model(input_ids=batch["input_ids"]).logits  # bidirectional, no CP
-    from lightning_cp.sharding import gather_sequence
+    from lightning_cp.sharding.sequence import gather_sequence
 
     local_logits = _run_model(mesh, model, batch, load_balance=False)
     results["non_causal_without_balance_error"] = (
@@ -89,7 +89,7 @@ def _error_cases(rank: int, world_size: int) -> dict:
     def sharded_without_cp_ranks():
         from torch.distributed.fsdp import fully_shard
 
-        from lightning_cp.gradients import check_sharded_parameters
+        from lightning_cp.strategies.gradients import check_sharded_parameters
 
         data_only = init_device_mesh("cpu", (world_size,), mesh_dim_names=("data_parallel",))
         check_sharded_parameters(fully_shard(torch.nn.Linear(4, 4), mesh=data_only), cp_size=2)
@@ -97,7 +97,7 @@ def _error_cases(rank: int, world_size: int) -> dict:
     results["sharded_without_cp_ranks"] = _error_of(sharded_without_cp_ranks)
 
     def tuple_batch():
-        from lightning_cp.layout import build_device_mesh, resolve_layout
+        from lightning_cp.mesh import build_device_mesh, resolve_layout
         from lightning_cp.session import ContextParallelSession
 
         layout_mesh, data_context = build_device_mesh(resolve_layout(world_size, world_size, 1, 1), torch.device("cpu"))

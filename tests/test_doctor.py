@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from models import llama_with_sdpa_imported_by_name, lm_batch, mistral_with_short_window, shift_labels, tiny_causal_lm
+from models import (
+    llama_with_sdpa_imported_by_name,
+    lm_batch,
+    mistral_with_short_window,
+    next_token_labels,
+    tiny_causal_lm,
+)
 
 from lightning_cp.doctor import check
 
@@ -91,7 +97,7 @@ def test_command_line_reports_exact_on_a_config(tmp_path):
 
 def test_hf_labels_helper_matches_models_shift():
     ids = torch.tensor([[1, 2, 3]])
-    assert shift_labels(ids).tolist() == [[2, 3, -100]]
+    assert next_token_labels(ids).tolist() == [[2, 3, -100]]
 
 
 def _doctor_command_line(*args: str) -> subprocess.CompletedProcess:

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from distributed_harness import run_on_ranks
 from torch.distributed.device_mesh import init_device_mesh
 
-from lightning_cp.dispatch import ring_attention
-from lightning_cp.packing import gather_packed, plan_packed_layout, shard_packed
+from lightning_cp.attention.switch import ring_attention
+from lightning_cp.sharding.packing import gather_packed, plan_packed_layout, shard_packed
 
 # Row 0: a document shorter than a shard (3), one spanning both ranks (21), and two more; row 1 packs two.
 DOCUMENTS = [[3, 21, 10, 6], [17, 23]]

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-
-from common import reference_sgd_run, run_script  # noqa: E402
-from test_trainer import _assert_same_training  # noqa: E402
+from common import reference_sgd_run, run_script
 
 
 @pytest.mark.parametrize("layout,loss", [("replicate", "hf"), ("fsdp", "hf"), ("replicate", "custom")])
-def test_fabric_cp2_loop_equals_one_process_training(tmp_path, layout, loss):
+def test_fabric_cp2_loop_equals_one_process_training(tmp_path, layout, loss, assert_same_training):
     out = tmp_path / "result.pt"
     extra = ["--custom-loss"] if loss == "custom" else []
     result = run_script("fabric_llama.py", "--out", str(out), "--layout", layout, "--lr", "1.0", *extra)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     run = torch.load(out, weights_only=False)
-    _assert_same_training(run, reference_sgd_run(steps=5, accumulate=1, lr=1.0, shuffled=False))
+    assert_same_training(run, reference_sgd_run(steps=5, accumulate=1, lr=1.0, shuffled=False))

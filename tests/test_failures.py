@@ -5,15 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-
-from common import run_script, script_command  # noqa: E402
+from common import run_script, script_command
 
 BOUND_S = 120  # the collective timeout is 60 s; peers notice a dead rank much sooner
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lightning_cp import ContextParallelStrategy
-from lightning_cp.layout import ParallelLayout, resolve_layout
+from lightning_cp.mesh import ParallelLayout, resolve_layout
 
 
 @pytest.mark.parametrize(

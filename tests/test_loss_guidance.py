@@ -6,17 +6,12 @@ One 2-process launch per framework fits once per loss (one step each) and report
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from common import run_script
 
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-
-from common import run_script  # noqa: E402
-
-from lightning_cp.loss_check import closest_loss  # noqa: E402
+from lightning_cp.loss_check import closest_loss
 
 #: Hugging Face's warning when its `loss_function` property is read on a model without a loss type.
 HF_LOSS_TYPE_WARNING = "`loss_type=None` was set in the config but it is unrecognized"

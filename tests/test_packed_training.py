@@ -15,11 +15,12 @@ from distributed_harness import run_on_ranks
 from models import tiny_causal_lm
 
 from lightning_cp import ContextParallelBatchError, make_cp_batch_and_ctx, reduce_loss, token_correct_loss
-from lightning_cp.layout import ParallelLayout, build_device_mesh
 from lightning_cp.loss import token_loss_sum
-from lightning_cp.packing import document_ids, document_lengths, is_packed, shift_labels_within_documents
-from lightning_cp.session import ContextParallelSession, shift_labels
-from lightning_cp.te_batch import padded_packed_batch, thd_batch_for_rank
+from lightning_cp.mesh import ParallelLayout, build_device_mesh
+from lightning_cp.session import ContextParallelSession
+from lightning_cp.sharding.batch import next_token_labels
+from lightning_cp.sharding.packing import document_ids, document_lengths, is_packed, next_token_labels_within_documents
+from lightning_cp.sharding.te_batch import padded_packed_batch, thd_batch_for_rank
 
 # 64 tokens per row; row 0 has a document shorter than a shard (5) and one spanning both ranks (37).
 DOCUMENTS = [[5, 37, 22], [30, 20, 14]]
@@ -53,7 +54,7 @@ def _unpacked(model, batch):
         start = 0
         for length in lengths:
             ids = batch["input_ids"][row : row + 1, start : start + length]
-            labels = shift_labels(batch["labels"][row : row + 1, start : start + length])
+            labels = next_token_labels(batch["labels"][row : row + 1, start : start + length])
             total = total + token_loss_sum(model(input_ids=ids).logits, labels)
             count += int((labels != -100).sum())
             start += length
@@ -84,7 +85,7 @@ def _session_run(model, mesh, data_context, batch, load_balance):
 def _functional_run(model, mesh, batch, load_balance):
     cp_mesh = mesh["context_parallel"]
     documents = document_ids(document_lengths(batch))
-    shifted = {**batch, "labels": shift_labels_within_documents(batch["labels"], documents)}
+    shifted = {**batch, "labels": next_token_labels_within_documents(batch["labels"], documents)}
     train_ctx, local = make_cp_batch_and_ctx(mesh, shifted, load_balance=load_balance)
     labels = local.pop("labels")
     with train_ctx():
@@ -121,7 +122,7 @@ def _te_route(mesh, data_context, batch, rank):
 
 
 def local_labels_reference(batch):
-    return shift_labels_within_documents(batch["labels"], document_ids(document_lengths(batch)))
+    return next_token_labels_within_documents(batch["labels"], document_ids(document_lengths(batch)))
 
 
 def _packed_parity(rank: int, world_size: int) -> dict:

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import torch.distributed as dist
+from common import run_script
 from torch.distributed.device_mesh import init_device_mesh
 
 from lightning_cp.rank_errors import SameErrorHook, install_same_error_hook
 from lightning_cp.validation import ContextParallelBatchError
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-
-from common import run_script  # noqa: E402
 
 TOO_SHORT = "A sequence of 3 tokens is too short for cp_size=2"
 

@@ -7,21 +7,16 @@ train rank 0's model, exactly as one process would.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from common import INIT_SEED_PER_RANK, reference_sgd_run, run_script
+from distributed_harness import run_on_local_ranks
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-
-from common import INIT_SEED_PER_RANK, reference_sgd_run, run_script  # noqa: E402
-from distributed_harness import run_on_local_ranks  # noqa: E402
-from test_trainer import _assert_same_training  # noqa: E402
-
-from lightning_cp.replicas import broadcast_replicated_state  # noqa: E402
+from lightning_cp.strategies.replicas import broadcast_replicated_state
 
 
 def _run(tmp_path: Path, script: str, *args: str) -> tuple[dict, dict]:
@@ -37,11 +32,11 @@ def _assert_same_weights(first: dict, second: dict) -> None:
 
 
 @pytest.mark.parametrize("script,shuffled", [("trainer_llama.py", True), ("fabric_llama.py", False)])
-def test_models_built_from_different_seeds_train_rank_zeros_model(tmp_path, script, shuffled):
+def test_models_built_from_different_seeds_train_rank_zeros_model(tmp_path, script, shuffled, assert_same_training):
     run, rank1_weights = _run(tmp_path, script)
     _assert_same_weights(run["weights"], rank1_weights)
     reference = reference_sgd_run(steps=5, accumulate=1, lr=1.0, shuffled=shuffled, init_seed=INIT_SEED_PER_RANK)
-    _assert_same_training(run, reference)
+    assert_same_training(run, reference)
 
 
 def test_without_the_broadcast_the_ranks_train_different_models(tmp_path):

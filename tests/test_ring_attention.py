@@ -11,9 +11,9 @@ from distributed_harness import run_on_ranks
 from torch.distributed.device_mesh import init_device_mesh
 
 import lightning_cp  # noqa: F401  (installs the CPU ring)
-from lightning_cp.dispatch import ring_attention
+from lightning_cp.attention.switch import ring_attention
 from lightning_cp.functional import create_context_parallel_ctx
-from lightning_cp.sharding import gather_sequence, shard_sequence
+from lightning_cp.sharding.sequence import gather_sequence, shard_sequence
 
 CASES = list(itertools.product(("allgather", "alltoall"), (True, False)))
 # (query heads, key/value heads): multi-head and grouped-query attention.

@@ -6,7 +6,7 @@ import torch
 from distributed_harness import run_on_local_ranks
 from models import lm_batch
 
-from lightning_cp.layout import ParallelLayout, build_device_mesh
+from lightning_cp.mesh import ParallelLayout, build_device_mesh
 from lightning_cp.session import ContextParallelSession
 
 

@@ -19,7 +19,7 @@ from lightning_cp import (
     token_correct_loss,
     token_loss_sum,
 )
-from lightning_cp.dispatch import active_context_parallel
+from lightning_cp.attention.switch import active_context_parallel
 
 
 def _frozen_target(rank: int, world_size: int) -> dict:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lightning_cp import ContextParallelBatchError
-from lightning_cp.packing import plan_packed_layout
-from lightning_cp.te_batch import padded_packed_batch, thd_batch_for_rank
+from lightning_cp.sharding.packing import plan_packed_layout
+from lightning_cp.sharding.te_batch import padded_packed_batch, thd_batch_for_rank
 
 SENTINEL = -1000
 

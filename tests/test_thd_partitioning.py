@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from lightning_cp.thd import partitioned_indices, thd_partitioned_indices
+from lightning_cp.sharding.thd import partitioned_indices, thd_partitioned_indices
 
 
 def test_two_sequences_cp2_by_hand():

@@ -12,8 +12,8 @@ import pytest
 import torch
 from models import tiny_causal_lm
 
-from lightning_cp.batch import shard_cp_batch
-from lightning_cp.packing import plan_packed_layout
+from lightning_cp.sharding.batch import shard_cp_batch
+from lightning_cp.sharding.packing import plan_packed_layout
 from lightning_cp.validation import (
     ContextParallelBatchError,
     check_qkv,

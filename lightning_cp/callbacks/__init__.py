@@ -1,5 +1,3 @@
 """Lightning callbacks of lightning_cp."""
 
-from lightning_cp.callbacks.context_parallel import ContextParallelCallback
-
-__all__ = ["ContextParallelCallback"]
+from lightning_cp.callbacks.context_parallel import ContextParallelCallback as ContextParallelCallback

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_cp.session import ContextParallelSession
+from lightning_cp.strategies.trainer import ContextParallelStrategy
 
 
 class ContextParallelCallback(Callback):
@@ -45,13 +46,12 @@ class ContextParallelCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from lightning_cp.strategy import ContextParallelStrategy
-
         if not isinstance(trainer.strategy, ContextParallelStrategy):
             raise MisconfigurationException(
                 f"`ContextParallelCallback` needs `ContextParallelStrategy`, but the Trainer uses"
                 f" `{type(trainer.strategy).__name__}`: pass `strategy=ContextParallelStrategy(cp_size=...)`."
             )
+        trainer.strategy.attach_callback()
 
     def _prepare_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._session(trainer).prepare_model(pl_module)

@@ -9,12 +9,10 @@ import sys
 from pathlib import Path
 
 import torch
+from models import tiny_causal_lm  # tests/ is on the path: pytest's pythonpath, or script_command's PYTHONPATH
 from torch.utils.data import DistributedSampler
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS_DIR))
-
-from models import tiny_causal_lm  # noqa: E402
 
 #: ``--seed-per-rank`` builds rank r's model from seed INIT_SEED_PER_RANK + r.
 INIT_SEED_PER_RANK = 1000
@@ -53,7 +51,7 @@ def model_seed(args: argparse.Namespace) -> int:
     Also applies ``--skip-replica-sync``, which must take effect before the strategy's setup.
     """
     if args.skip_replica_sync:
-        from lightning_cp.strategy_base import ContextParallelMixin
+        from lightning_cp.strategies.shared import ContextParallelMixin
 
         ContextParallelMixin._synchronize_replicas = lambda self, module: None  # type: ignore[method-assign]
     return INIT_SEED_PER_RANK + rank_of_this_process() if args.seed_per_rank else 0
@@ -75,6 +73,7 @@ def script_command(script: str, *args: str) -> tuple[list[str], dict[str, str]]:
     from distributed_harness import free_port
 
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), *filter(None, [os.environ.get("PYTHONPATH")])])
     env.pop("LOCAL_RANK", None)
     return [sys.executable, str(Path(__file__).with_name(script)), *args], env
 

@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from lightning_cp.layout import CONTEXT_PARALLEL, DATA_CONTEXT_PARALLEL
+from lightning_cp.mesh import CONTEXT_PARALLEL, DATA_CONTEXT_PARALLEL
 
 
 def check_sharded_parameters(module: nn.Module, cp_size: int) -> None:
@@ -43,8 +43,19 @@ def average_replicated_gradients(module: nn.Module, data_context_mesh: DeviceMes
         if param.grad is not None and not isinstance(param.grad, DTensor):
             by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
     for grads in by_dtype.values():
-        flat = torch._utils._flatten_dense_tensors(grads)
+        flat = flatten_tensors(grads)
         dist.all_reduce(flat, group=data_context_mesh.get_group())
         flat /= data_context_mesh.size()
-        for grad, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
-            grad.copy_(reduced)
+        copy_from_flat(grads, flat)
+
+
+def flatten_tensors(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One contiguous 1-D tensor holding ``tensors`` (one dtype and device): one collective instead of many."""
+    return torch.cat([tensor.reshape(-1) for tensor in tensors])
+
+
+def copy_from_flat(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:
+    """Copy the pieces of ``flat`` (made by :func:`flatten_tensors`) back into ``tensors``, in place."""
+    pieces = flat.split([tensor.numel() for tensor in tensors])
+    for tensor, piece in zip(tensors, pieces, strict=True):
+        tensor.copy_(piece.view_as(tensor))

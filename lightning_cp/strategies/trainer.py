@@ -19,10 +19,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_cp.checkpoint import is_replicated_state, load_replicated_checkpoint
-from lightning_cp.gradients import average_replicated_gradients, check_sharded_parameters
-from lightning_cp.layout import Size
-from lightning_cp.strategy_base import DEFAULT_COLLECTIVE_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT, ContextParallelMixin
+from lightning_cp.mesh import Size
+from lightning_cp.strategies.checkpoint import is_replicated_state, load_replicated_checkpoint
+from lightning_cp.strategies.gradients import average_replicated_gradients, check_sharded_parameters
+from lightning_cp.strategies.shared import DEFAULT_COLLECTIVE_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT, ContextParallelMixin
 
 
 class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
@@ -91,6 +91,15 @@ class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
             check_batch_every_n_steps=check_batch_every_n_steps,
         )
         self._gather_predictions = gather_predictions
+        self._callback_attached = False
+
+    def attach_callback(self) -> None:
+        """Note that :class:`~lightning_cp.callbacks.ContextParallelCallback` will shard the batches.
+
+        The callback calls it from its ``setup``, which Lightning runs before the strategy's; so the
+        strategy can refuse to run without it and still never import the callback.
+        """
+        self._callback_attached = True
 
     @override
     def setup_environment(self) -> None:
@@ -106,9 +115,7 @@ class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
         # unsharded is replicated, and its gradients are averaged in `optimizer_step`.
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        from lightning_cp.callbacks import ContextParallelCallback
-
-        if not any(isinstance(callback, ContextParallelCallback) for callback in trainer.callbacks):
+        if not self._callback_attached:
             raise MisconfigurationException(
                 f"`{type(self).__name__}` shards batches through `ContextParallelCallback`: add"
                 " `callbacks=[ContextParallelCallback()]` to the Trainer."

@@ -24,9 +24,8 @@ from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor, Shard
-from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
-from torch.distributed.tensor._utils import compute_global_tensor_info
 
+from lightning_cp.attention import _torch
 from lightning_cp.validation import check_ring_supported
 
 _aten = torch.ops.aten
@@ -38,12 +37,6 @@ SDPA_SEQ_DIM = 2
 _SEQ_PLACEMENT = (Shard(SDPA_SEQ_DIM),)
 _FORWARD_ARG_NAMES = ("query", "key", "value", "dropout_p", "is_causal")
 _BACKWARD_ARG_NAMES = ("grad_out", "query", "key", "value", "out", "logsumexp", "dropout_p", "is_causal")
-
-
-def _cp_attention_module() -> Any:
-    from torch.distributed.tensor.experimental._context_parallel import _attention
-
-    return _attention
 
 
 def _bind(arg_names: tuple[str, ...], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -63,10 +56,7 @@ def _local_shard(name: str, tensor: Any) -> torch.Tensor:
 
 
 def _as_seq_sharded(local: torch.Tensor, like: DTensor) -> DTensor:
-    mesh = like.device_mesh
-    shape, stride = compute_global_tensor_info(local, mesh, list(_SEQ_PLACEMENT))
-    spec = DTensorSpec(mesh, _SEQ_PLACEMENT, tensor_meta=TensorMeta(torch.Size(shape), tuple(stride), local.dtype))
-    return DTensor(local, spec, requires_grad=local.requires_grad)
+    return _torch.sharded_dtensor(local, like.device_mesh, _SEQ_PLACEMENT)
 
 
 def _check_supported(bound: dict[str, Any]) -> None:
@@ -74,7 +64,7 @@ def _check_supported(bound: dict[str, Any]) -> None:
         bound.get("attn_mask"),
         bound.get("dropout_p", 0.0),
         bound.get("is_causal", False),
-        _cp_attention_module()._cp_options.enable_load_balance,
+        _torch.load_balance_enabled(),
     )
 
 
@@ -82,7 +72,7 @@ def _ring_forward(op_call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     bound = _bind(_FORWARD_ARG_NAMES, args, kwargs)
     _check_supported(bound)
     query = bound["query"]
-    out, logsumexp = _cp_attention_module()._templated_ring_attention(
+    out, logsumexp = _torch.ring_forward(
         query.device_mesh.get_group(),
         SDPA_SEQ_DIM,
         CPU_SDPA_FORWARD,
@@ -100,7 +90,7 @@ def _ring_backward(op_call: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     bound = _bind(_BACKWARD_ARG_NAMES, args, kwargs)
     _check_supported(bound)
     query = bound["query"]
-    grads = _cp_attention_module()._templated_ring_attention_backward(
+    grads = _torch.ring_backward(
         query.device_mesh.get_group(),
         SDPA_SEQ_DIM,
         CPU_SDPA_BACKWARD,
@@ -124,15 +114,6 @@ def install_cpu_ring() -> None:
     Called when :mod:`lightning_cp` is imported, so ``context_parallel()`` from torch works on CPU
     tensors over a gloo group from then on. The handlers are only consulted while CP is switched on.
     """
-    try:
-        attention = _cp_attention_module()
-        handler_table = attention.custom_ops
-        for name in ("_templated_ring_attention", "_templated_ring_attention_backward", "_cp_options"):
-            getattr(attention, name)
-    except (ImportError, AttributeError) as err:  # pragma: no cover - depends on the torch release
-        raise ImportError(
-            f"lightning_cp needs torch's context-parallel internals as of torch 2.13; torch {torch.__version__}"
-            f" does not have them ({err}). Install a torch version within lightning_cp's supported range."
-        ) from err
-    handler_table[CPU_SDPA_FORWARD] = _ring_forward
-    handler_table[CPU_SDPA_BACKWARD] = _ring_backward
+    _torch.check_torch_internals()
+    _torch.register_cp_op_handler(CPU_SDPA_FORWARD, _ring_forward)
+    _torch.register_cp_op_handler(CPU_SDPA_BACKWARD, _ring_backward)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lightning_cp.packing import PackedLayout
+from lightning_cp.sharding.packing import PackedLayout
 
 
 def _block_mask(

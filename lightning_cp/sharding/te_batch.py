@@ -3,7 +3,7 @@
 Transformer Engine runs its own ring inside ``DotProductAttention`` when given a CP group and
 packed sequences in THD layout (all tokens in one row, delimited by ``cu_seqlens``). What it needs
 from the batch: every sequence padded to a multiple of ``2 * cp``, each rank's tokens picked with
-TE's per-sequence head/tail partitioning (:mod:`lightning_cp.thd`), and the *global* cumulative
+TE's per-sequence head/tail partitioning (:mod:`lightning_cp.sharding.thd`), and the *global* cumulative
 lengths — real ones in ``cu_seqlens``, padded ones in ``cu_seqlens_padded``. Transformer Engine is
 never imported here; its CUDA partitioning kernel is used when it is installed and the batch is on
 a GPU, and the same partitioning in plain torch otherwise.
@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from lightning_cp.batch import ContextParallelBatchError
 from lightning_cp.mesh import mesh_size
-from lightning_cp.packing import PACKING_KEYS, SEQ_LENS_PADDING_VALUE, PackedLayout, padded_rows
-from lightning_cp.thd import partitioned_indices
+from lightning_cp.sharding.batch import ContextParallelBatchError
+from lightning_cp.sharding.packing import PACKING_KEYS, SEQ_LENS_PADDING_VALUE, PackedLayout, padded_rows
+from lightning_cp.sharding.thd import partitioned_indices
 
 #: Per-token fields of a THD batch; they are partitioned across the CP ranks.
 THD_TOKEN_KEYS: tuple[str, ...] = ("input_ids", "labels", "position_ids", "padding_mask")

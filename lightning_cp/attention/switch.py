@@ -16,20 +16,23 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lightning_cp.cpu_ring import _cp_attention_module
-from lightning_cp.document_ring import DocumentMaskedAttention
-from lightning_cp.packing import PackedLayout
+from lightning_cp.attention import _torch
+from lightning_cp.attention.cpu_ring import SDPA_SEQ_DIM
+from lightning_cp.attention.document_ring import DocumentMaskedAttention
+from lightning_cp.sharding.packing import PackedLayout
 from lightning_cp.validation import check_qkv, check_ring_supported
 
 ROTATE_METHODS: tuple[str, ...] = ("allgather", "alltoall")
+#: SDPA kernels that torch's ring can run (CPU's flash kernel counts as FLASH_ATTENTION).
+RING_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
 
 
 @dataclass(frozen=True)
 class ActiveContextParallel:
     """What the model hooks need to know about the ring attention that is switched on."""
 
-    mesh: DeviceMesh
     load_balance: bool
     #: Longest span one query can attend (the padded sequence, or the longest packed document), when known.
     global_seq_len: int | None
@@ -134,26 +137,18 @@ def ring_attention(
         raise RuntimeError(
             "Ring attention is already switched on in this process; context-parallel contexts do not nest."
         )
-    attention = _cp_attention_module()
-    options = attention._cp_options
-    saved = (options.enable_load_balance, options.rotate_method, options.convert_to_f32, attention._dispatch_mode)
-    torch_ring_sdpa: Callable[..., torch.Tensor] | None = None
-    try:
-        attention._dispatch_mode = attention._DispatchMode.MONKEY_PATCH
-        options.enable_load_balance = load_balance
-        options.convert_to_f32 = True  # merge partial results in fp32: bf16 merges drift as the ring grows
-        attention.set_rotate_method(validate_rotate_method(rotate_method))
-        attention._enable_context_parallel_dispatcher_impl(seq_dim=2, mesh=cp_mesh)
+    validate_rotate_method(rotate_method)
+    with _torch.ring_dispatcher(cp_mesh, SDPA_SEQ_DIM, load_balance, rotate_method):
         torch_ring_sdpa = F.scaled_dot_product_attention
-        if documents is None:
-            F.scaled_dot_product_attention = _guarded(torch_ring_sdpa, load_balance)
-        else:
-            F.scaled_dot_product_attention = _document_sdpa(documents, cp_mesh)
-        _active = ActiveContextParallel(cp_mesh, load_balance, global_seq_len, documents)
-        yield
-    finally:
-        _active = None
-        if torch_ring_sdpa is not None:
+        try:
+            if documents is None:
+                F.scaled_dot_product_attention = _guarded(torch_ring_sdpa, load_balance)
+            else:
+                F.scaled_dot_product_attention = _document_sdpa(documents, cp_mesh)
+            _active = ActiveContextParallel(load_balance, global_seq_len, documents)
+            # Never the math kernel: it would compute plain attention on the local shards, not the ring.
+            with sdpa_kernel(RING_SDPA_BACKENDS):
+                yield
+        finally:
+            _active = None
             F.scaled_dot_product_attention = torch_ring_sdpa  # torch restores only its own wrapper
-        attention._disable_context_parallel_dispatcher_impl()
-        options.enable_load_balance, options.rotate_method, options.convert_to_f32, attention._dispatch_mode = saved

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lightning_cp.dispatch import validate_rotate_method
-from lightning_cp.layout import (
+from lightning_cp.attention.switch import validate_rotate_method
+from lightning_cp.mesh import (
     CONTEXT_PARALLEL,
     ParallelLayout,
     Size,
@@ -20,8 +20,8 @@ from lightning_cp.layout import (
     validate_size,
 )
 from lightning_cp.rank_errors import install_same_error_hook
-from lightning_cp.replicas import broadcast_replicated_state
 from lightning_cp.session import ContextParallelSession
+from lightning_cp.strategies.replicas import broadcast_replicated_state
 from lightning_cp.watchdog import RankWatchdog
 
 if TYPE_CHECKING:

@@ -20,6 +20,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate
 
+from lightning_cp.strategies.gradients import copy_from_flat, flatten_tensors
+
 
 def _module_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
     yield from module.parameters()
@@ -32,14 +34,12 @@ def _broadcast_flat(tensors: list[torch.Tensor], group: dist.ProcessGroup | None
     for tensor in tensors:
         by_dtype.setdefault((tensor.dtype, tensor.device), []).append(tensor)
     for group_tensors in by_dtype.values():
-        flat = torch._utils._flatten_dense_tensors(group_tensors)
+        flat = flatten_tensors(group_tensors)
         if group is None:
             dist.broadcast(flat, src=0)
         else:
             dist.broadcast(flat, group=group, group_src=0)
-        synced = torch._utils._unflatten_dense_tensors(flat, group_tensors)
-        for tensor, value in zip(group_tensors, synced, strict=True):
-            tensor.copy_(value)
+        copy_from_flat(group_tensors, flat)
 
 
 @torch.no_grad()

@@ -1,12 +1,11 @@
 """Per-rank partitioning of packed (THD) sequences, as Transformer Engine's CP expects it.
 
 A packed batch is one row of tokens holding several sequences, delimited by ``cu_seqlens_padded``
-(cumulative lengths, each sequence padded to a multiple of ``2 * cp``). Every sequence is cut into
-``2 * cp`` equal chunks; rank ``r`` keeps chunks ``r`` and ``2 * cp - 1 - r`` of each sequence, in
-sequence order — the same head/tail balancing as for one long sequence, applied per document. This is
-what TE's ``thd_get_partitioned_indices`` computes on the GPU; the pure-torch version here runs
-anywhere and is what the tests pin down, and :func:`partitioned_indices` uses TE's kernel when TE and
-CUDA are there.
+(cumulative lengths, each sequence padded to a multiple of ``2 * cp``). Every sequence is laid out
+head/tail on its own, in sequence order (Note [head/tail layout] in :mod:`lightning_cp.sharding.sequence`).
+This is what TE's ``thd_get_partitioned_indices`` computes on the GPU; the pure-torch version here
+runs anywhere and is what the tests pin down, and :func:`partitioned_indices` uses TE's kernel when
+TE and CUDA are there.
 """
 
 from __future__ import annotations

@@ -1,10 +1,24 @@
 """Cutting a sequence into per-rank shards and putting it back together.
 
-Two layouts, matching what torch's ring expects:
+Note [head/tail layout]
+-----------------------
+Under causal attention, a query attends to every key before it, so the last positions of a sequence
+cost the most. Cut contiguously (rank ``r`` keeps chunk ``r`` of ``cp``), the last rank would do most
+of the work. Cut load balanced instead: ``2 * cp`` equal chunks, rank ``r`` keeps chunks ``r`` and
+``2 * cp - 1 - r`` (a cheap head and an expensive tail), so every rank attends the same number of
+(query, key) pairs. For cp = 2 (chunks ``c0 … c3``; chunk ``i`` attends to ``i + 1`` chunks):
 
-* load balanced (head/tail): the sequence is cut into ``2 * cp`` equal chunks and rank ``r`` keeps
-  chunks ``r`` and ``2 * cp - 1 - r``, so every rank gets the same amount of causal-attention work;
-* contiguous: rank ``r`` keeps chunk ``r`` of ``cp`` equal chunks.
+==========  =============  ===========  =============  ===========
+layout      rank 0 holds   rank 0 work  rank 1 holds   rank 1 work
+==========  =============  ===========  =============  ===========
+head/tail   c0, c3         1 + 4 = 5    c1, c2         2 + 3 = 5
+contiguous  c0, c1         1 + 2 = 3    c2, c3         3 + 4 = 7
+==========  =============  ===========  =============  ===========
+
+It is what torch's ring (``_HeadTailLoadBalancer``) expects, and the same as Transformer Engine's
+dual-chunk swap. Packed rows apply it to every document on its own (``sharding.packing``), which is
+Transformer Engine's THD partitioning (``sharding.thd``). The sequence must be a multiple of
+``2 * cp`` (``cp`` contiguous); lightning_cp pads it.
 
 Sharding is out of place and differentiable, so tensors that require grad (``inputs_embeds`` from a
 vision tower, say) still pass gradients back to what produced them.

@@ -4,8 +4,8 @@ A row's documents are delimited by ``cu_seqlens`` / ``seq_lens`` (the Transforme
 convention) or by ``position_ids`` that restart (Hugging Face's padding-free convention: a document
 starts wherever the position does not go up by one). For CP every row is laid out anew:
 
-* with load balancing each document is padded to a multiple of ``2 * cp`` and cut into ``2 * cp``
-  chunks, of which rank ``r`` keeps chunks ``r`` and ``2 * cp - 1 - r`` — Transformer Engine's THD
+* with load balancing each document is padded to a multiple of ``2 * cp`` and laid out head/tail on
+  its own (Note [head/tail layout] in :mod:`lightning_cp.sharding.sequence`) — Transformer Engine's THD
   partitioning, so the causal work stays even document by document;
 * without it the row is padded to a multiple of ``cp`` and cut into ``cp`` contiguous pieces.
 
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
-from lightning_cp.batch import (
+from lightning_cp.sharding.batch import (
     IGNORE_INDEX,
     SEQUENCE_KEYS,
     ContextParallelBatchError,
@@ -31,8 +31,8 @@ from lightning_cp.batch import (
     primary_input_key,
     validate_cp_batch,
 )
-from lightning_cp.sharding import gather_sequence
-from lightning_cp.thd import thd_partitioned_indices
+from lightning_cp.sharding.sequence import gather_sequence
+from lightning_cp.sharding.thd import thd_partitioned_indices
 from lightning_cp.validation import check_sequence_fits
 
 #: Batch keys that delimit the documents of a packed row; they do not go into the model.
@@ -129,7 +129,7 @@ def document_ids(lengths: Sequence[Sequence[int]], device: torch.device | str = 
     return torch.stack(rows).to(device)
 
 
-def shift_labels_within_documents(labels: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
+def next_token_labels_within_documents(labels: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
     """Next-token labels aligned with their positions; a document's last token gets ``-100``.
 
     The last token of one document must not learn to predict the first token of the next.
@@ -306,7 +306,7 @@ def plan_packed_batch(
     lengths = document_lengths(batch)
     labels = batch.get("labels")
     if shift_labels and isinstance(labels, torch.Tensor) and "shift_labels" not in batch:
-        batch = {**batch, "labels": shift_labels_within_documents(labels, document_ids(lengths, labels.device))}
+        batch = {**batch, "labels": next_token_labels_within_documents(labels, document_ids(lengths, labels.device))}
     return batch, plan_packed_layout(lengths, cp_size, load_balance)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lightning_cp.sharding import shard_multiple, shard_sequence
+from lightning_cp.sharding.sequence import shard_multiple, shard_sequence
 from lightning_cp.validation import ContextParallelBatchError, check_sequence_fits
 
 __all__ = ["ContextParallelBatchError"]
@@ -115,6 +115,11 @@ def validate_cp_batch(batch: dict[str, Any], *, require_labels: bool) -> int:
             )
         _check_trailing_padding(attention_mask, batch)
     return seq_len
+
+
+def next_token_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Next-token labels aligned with their positions (``out[:, i] = labels[:, i + 1]``, last ignored)."""
+    return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], ignore_index)], dim=1)
 
 
 def default_position_ids(seq_len: int, device: torch.device) -> torch.Tensor:

@@ -1,0 +1,190 @@
+"""Context parallelism for ``lightning.Fabric``: a ``ModelParallelStrategy`` with a "cp" mesh dimension.
+
+A training loop with it::
+
+    strategy = ContextParallelStrategy(cp_size=2)
+    fabric = L.Fabric(accelerator="cpu", devices=2, strategy=strategy)
+    fabric.launch()
+    model, optimizer = fabric.setup(model, optimizer)
+    for batch in fabric.setup_dataloaders(loader):
+        with strategy.context_parallel(batch):      # shards the batch in place, ring attention on
+            loss = model(**batch).loss              # Hugging Face: token-correct already
+            fabric.backward(loss)
+        optimizer.step()                            # gradients averaged over data × context first
+        optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, MutableMapping
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lightning.fabric.strategies import STRATEGY_REGISTRY
+from lightning.fabric.strategies import ModelParallelStrategy as FabricModelParallelStrategy
+from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.fabric.utilities.types import _PATH, Optimizable
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
+from typing_extensions import override
+
+from lightning_cp.mesh import Size
+from lightning_cp.strategies.checkpoint import (
+    is_replicated_state,
+    load_replicated_checkpoint,
+    save_replicated_checkpoint,
+)
+from lightning_cp.strategies.gradients import average_replicated_gradients, check_sharded_parameters
+from lightning_cp.strategies.shared import DEFAULT_COLLECTIVE_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT, ContextParallelMixin
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+
+def _replicate(module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+    return module
+
+
+class ContextParallelStrategy(ContextParallelMixin, FabricModelParallelStrategy):
+    """Fabric's model-parallel strategy with a context-parallel dimension; see the module docstring.
+
+    Arguments:
+        parallelize_fn: applies FSDP2 / TP to the module given the device mesh (use
+            ``device_mesh["data_context_parallel"]`` for ``fully_shard``). Default: leave it replicated;
+            its gradients are then averaged over the data × context ranks in ``optimizer.step()``.
+        cp_size, data_parallel_size, tensor_parallel_size, rotate_method, load_balance, shift_labels,
+        padding_token_id, check_batch_every_n_steps: as in
+        :class:`lightning_cp.strategy.ContextParallelStrategy`.
+        deterministic: deterministic kernels only, so two runs of one configuration give identical losses.
+        timeout: how long a collective may wait for the other ranks before the job fails (default 10 min).
+        heartbeat_timeout: a rank whose heartbeat is silent this long (stopped, frozen) is named and the job
+            ended (default 2 min; ``None``: never). Ctrl-C and SIGTERM end every rank within seconds either way.
+        save_distributed_checkpoint, process_group_backend: as in Fabric's ``ModelParallelStrategy``.
+    """
+
+    def __init__(
+        self,
+        parallelize_fn: Callable[[nn.Module, DeviceMesh], nn.Module] | None = None,
+        cp_size: Size = "auto",
+        data_parallel_size: Size = "auto",
+        tensor_parallel_size: Size = 1,
+        rotate_method: str = "allgather",
+        load_balance: bool = True,
+        shift_labels: bool = True,
+        padding_token_id: int = 0,
+        check_batch_every_n_steps: int = 1,
+        deterministic: bool = False,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = DEFAULT_COLLECTIVE_TIMEOUT,
+        heartbeat_timeout: timedelta | None = DEFAULT_HEARTBEAT_TIMEOUT,
+    ) -> None:
+        super().__init__(
+            parallelize_fn=parallelize_fn or _replicate,
+            data_parallel_size=data_parallel_size,
+            tensor_parallel_size=tensor_parallel_size,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+        self._init_context_parallel(
+            cp_size,
+            data_parallel_size,
+            tensor_parallel_size,
+            deterministic=deterministic,
+            heartbeat_timeout=heartbeat_timeout,
+            load_balance=load_balance,
+            rotate_method=rotate_method,
+            shift_labels=shift_labels,
+            padding_token_id=padding_token_id,
+            check_batch_every_n_steps=check_batch_every_n_steps,
+        )
+        self._modules: list[nn.Module] = []
+
+    @override
+    def setup_environment(self) -> None:
+        super(FabricModelParallelStrategy, self).setup_environment()
+        self._setup_distributed()
+        self._setup_context_parallel_mesh()
+        rank_zero_info(f"lightning_cp: {self.layout.describe()} on {self.world_size} processes")
+
+    @override
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        module = super().setup_module(module)
+        check_sharded_parameters(module, self.layout.context_parallel)
+        if not any(isinstance(param, DTensor) for param in module.parameters()):
+            module.to(self.root_device)
+        self._synchronize_replicas(module)
+        self.session.prepare_model(module)
+        self._modules.append(module)
+        return module
+
+    @override
+    def optimizer_step(self, optimizer: Optimizable, **kwargs: Any) -> Any:
+        for module in self._modules:
+            average_replicated_gradients(module, self.data_context_mesh)
+        return super().optimizer_step(optimizer, **kwargs)
+
+    @override
+    def save_checkpoint(
+        self,
+        path: _PATH,
+        state: dict[str, Any],
+        storage_options: Any | None = None,
+        filter: dict[str, Callable[[str, Any], bool]] | None = None,
+    ) -> None:
+        """As Fabric's, and also for a replicated model (sharded directory, or one file if not distributed)."""
+        if storage_options is not None or filter is not None or not is_replicated_state(state):
+            return super().save_checkpoint(path, state, storage_options=storage_options, filter=filter)
+        consolidated = not self._save_distributed_checkpoint
+        save_replicated_checkpoint(Path(self.broadcast(path)), state, consolidated=consolidated, rank=self.global_rank)
+        self.barrier("lightning_cp_save_checkpoint")
+        return None
+
+    @override
+    def load_checkpoint(
+        self,
+        path: _PATH,
+        state: nn.Module | Any | dict[str, Any] | None = None,
+        strict: bool = True,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        """As Fabric's, and also into a replicated model; any layout's checkpoint loads into any other."""
+        if not isinstance(state, dict) or not is_replicated_state(state):
+            return super().load_checkpoint(path, state, strict=strict, weights_only=weights_only)
+        return load_replicated_checkpoint(Path(self.broadcast(path)), state, strict=strict, weights_only=weights_only)
+
+    @contextmanager
+    def context_parallel(
+        self, batch: MutableMapping[str, Any], *, require_labels: bool = True
+    ) -> Iterator[MutableMapping[str, Any]]:
+        """Shard ``batch`` in place for this rank and keep ring attention on: run forward and backward inside.
+
+        On the first training step, :meth:`backward` also checks the loss it is given (see there).
+        """
+        with self.session.step(batch, require_labels=require_labels) as local:
+            self.session.watch_loss(self._modules, local)
+            yield local
+
+    @override
+    def backward(self, tensor: Tensor, module: nn.Module | None, *args: Any, **kwargs: Any) -> None:
+        """As Fabric's; on the first training step, warn (rank zero) when the loss is one that is wrong under CP.
+
+        The warning names the mistake (labels shifted again, a per-shard mean, ...) and what to call instead.
+        """
+        warning = self.session.check_loss(
+            tensor, model_loss="model(**batch).loss", helper="strategy.token_correct_loss"
+        )
+        if warning is not None:
+            rank_zero_warn(warning)
+        super().backward(tensor, module, *args, **kwargs)
+
+
+STRATEGY_REGISTRY.register(
+    "context_parallel",
+    ContextParallelStrategy,
+    description="Context parallelism (ring attention over a sharded sequence) from lightning_cp",
+    override=True,
+)

@@ -1,0 +1,28 @@
+"""Shared fixtures of the test suite.
+
+Helpers that scripts run in subprocesses also need live in ``tests/scripts/common.py`` and
+``tests/models.py``; both directories are on the path (``pythonpath`` in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from models import tiny_causal_lm
+
+
+def _same_training(run: dict, reference: dict) -> None:
+    torch.testing.assert_close(run["losses"], reference["losses"], rtol=1e-5, atol=0)
+    assert run["weights"].keys() == reference["weights"].keys()
+    for name, weight in reference["weights"].items():
+        torch.testing.assert_close(run["weights"][name], weight, rtol=1e-4, atol=1e-6, msg=name)
+    moved = max((run["weights"][k] - tiny_causal_lm("llama").state_dict()[k]).abs().max() for k in run["weights"])
+    assert moved > 1e-3, "the weights must have changed, or the comparison proves nothing"
+
+
+@pytest.fixture
+def assert_same_training() -> Callable[[dict, dict], None]:
+    """Assert that a CP run's per-step losses and final weights equal a one-process reference run's."""
+    return _same_training
