@@ -25,11 +25,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 VOCAB = 1024
 
 
-def llama(device: torch.device, layers: int = 2, hidden: int = 256, heads: int = 4, seed: int = 0) -> LlamaForCausalLM:
+def llama(
+    device: torch.device, layers: int = 2, hidden: int = 256, heads: int = 4, seed: int = 0, vocab: int = VOCAB
+) -> LlamaForCausalLM:
     """A Llama-shaped model (GQA, RMSNorm, SwiGLU, RoPE) small enough for long sequences on a CPU."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
@@ -41,10 +43,12 @@ def llama(device: torch.device, layers: int = 2, hidden: int = 256, heads: int =
     return LlamaForCausalLM(config).to(device)
 
 
-def lm_batch(seq_len: int, batch_size: int, device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+def lm_batch(
+    seq_len: int, batch_size: int, device: torch.device, seed: int = 0, vocab: int = VOCAB
+) -> dict[str, torch.Tensor]:
     """Random tokens with Hugging Face labels."""
     generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, VOCAB, (batch_size, seq_len), generator=generator).to(device)
+    input_ids = torch.randint(0, vocab, (batch_size, seq_len), generator=generator).to(device)
     return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 

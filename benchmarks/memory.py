@@ -56,7 +56,7 @@ def _worker(rank: int, world_size: int, args: argparse.Namespace) -> dict:
 
     def peak_over_ranks(seq_len: int) -> tuple[float, float]:
         mib, seconds = measure_peak_mib(lambda: train_step(seq_len), device)
-        result = torch.tensor([mib, seconds], dtype=torch.float64)
+        result = torch.tensor([mib, seconds], dtype=torch.float64, device=device)  # NCCL reduces GPU tensors only
         dist.all_reduce(result, op=dist.ReduceOp.MAX)
         return float(result[0]), float(result[1])
 

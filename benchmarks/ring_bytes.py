@@ -20,12 +20,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor.experimental._context_parallel import _attention as torch_cp_attention
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import backend_for, print_table, rank_device, save_plot  # noqa: E402
 
 import lightning_cp  # noqa: E402,F401  (installs the CPU ring)
-from lightning_cp.attention.cpu_ring import _cp_attention_module  # noqa: E402
 from lightning_cp.attention.switch import ring_attention  # noqa: E402
 from lightning_cp.launch import run_on_local_ranks  # noqa: E402
 from lightning_cp.sharding.sequence import shard_sequence  # noqa: E402
@@ -52,7 +52,7 @@ class _CountingRotater:
 
 
 def _count_rotations(counts: dict[str, int], world_size: int) -> None:
-    attention = _cp_attention_module()
+    attention = torch_cp_attention  # torch's private ring internals: counted here, outside the package
     create, forward, backward = (
         attention._create_rotater,
         attention._templated_ring_attention,
@@ -102,9 +102,16 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="default: float32 on CPU, bfloat16 on CUDA (fp32 grouped-query attention on CUDA rotates K/V expanded"
+        " to the query heads, since its kernel has no GQA)",
+    )
     parser.add_argument("--plot", default="benchmarks/ring_bytes.png", help="PNG to write ('' to skip)")
     args = parser.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
 
     rows, bars = [], []
     for cp in args.cp:

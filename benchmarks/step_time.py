@@ -45,31 +45,41 @@ class _Module(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
+def _now(device: torch.device) -> float:
+    """``time.perf_counter()`` once the work queued on ``device`` is done (CUDA kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 class _StepTimer(L.Callback):
     def __init__(self) -> None:
         self.times: list[float] = []
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
-        self._start = time.perf_counter()
+        self._start = _now(trainer.strategy.root_device)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
-        self.times.append(time.perf_counter() - self._start)
+        self.times.append(_now(trainer.strategy.root_device) - self._start)
 
 
 def _functional_steps(args: argparse.Namespace, mesh: object, samples: list[dict], device: torch.device) -> list[float]:
+    """The hand-written loop's step times, under the autocast that ``args.precision`` means for the Trainer."""
     cp_mesh = mesh["context_parallel"]
     model = llama(device, layers=args.layers, hidden=args.hidden)
     lcp.attach_context_parallel_hooks(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     times = []
     for sample in samples:
-        start = time.perf_counter()
+        start = _now(device)
         batch = {key: value.unsqueeze(0).to(device) for key, value in sample.items()}
         batch["labels"] = next_token_labels(batch["labels"])
         train_ctx, local = lcp.make_cp_batch_and_ctx(mesh, batch)
         labels = local.pop("labels")
         with train_ctx():
-            loss = lcp.token_correct_loss(model(**local).logits, labels, cp_mesh)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16-mixed"):
+                logits = model(**local).logits
+            loss = lcp.token_correct_loss(logits, labels, cp_mesh)
             loss.backward()
         grads = [param.grad for param in model.parameters()]
         flat = torch._utils._flatten_dense_tensors(grads)  # one bucketed all-reduce, as DDP would
@@ -78,7 +88,7 @@ def _functional_steps(args: argparse.Namespace, mesh: object, samples: list[dict
             grad.copy_(reduced)
         optimizer.step()
         optimizer.zero_grad()
-        times.append(time.perf_counter() - start)
+        times.append(_now(device) - start)
     return times
 
 
@@ -87,9 +97,9 @@ def _batch_check_times(samples: list[dict], cp_mesh: object, device: torch.devic
     times = []
     for step, sample in enumerate(samples):
         batch = {key: value.unsqueeze(0).to(device) for key, value in sample.items()}
-        start = time.perf_counter()
+        start = _now(device)
         check_same_batch(batch, cp_mesh, step)
-        times.append(time.perf_counter() - start)
+        times.append(_now(device) - start)
     return times
 
 
@@ -103,8 +113,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=7, help="measured steps (median reported)")
     parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument(
+        "--precision", choices=("32-true", "bf16-mixed"), default=None, help="32-true on CPU, bf16-mixed on CUDA"
+    )
     parser.add_argument("--plot", default="benchmarks/step_time.png", help="PNG to write ('' to skip)")
     args = parser.parse_args()
+    args.precision = args.precision or ("bf16-mixed" if args.device == "cuda" else "32-true")
 
     total = args.warmup + args.steps
     samples = [
@@ -114,6 +128,7 @@ def main() -> None:
     trainer = L.Trainer(
         accelerator="gpu" if args.device == "cuda" else "cpu",
         devices=args.cp,
+        precision=args.precision,
         strategy=lcp.ContextParallelStrategy(cp_size=args.cp),
         callbacks=[ContextParallelCallback(), timer],
         max_steps=total,
@@ -130,7 +145,8 @@ def main() -> None:
     check_median = statistics.median(check[args.warmup :])
     if trainer.global_rank == 0:
         print_table(
-            f"Step time, cp={args.cp}, sequence {args.seq_len}, median of {args.steps} steps after {args.warmup}",
+            f"Step time, cp={args.cp}, sequence {args.seq_len}, {args.precision}, median of {args.steps} steps"
+            f" after {args.warmup}",
             ["Lightning path s", "functional by hand s", "Lightning / by hand", "batch check ms", "check / step"],
             [
                 [

@@ -29,6 +29,7 @@ install_cpu_ring()
 
 # Importing the Fabric strategy registers `strategy="context_parallel"` with Fabric too.
 import lightning_cp.strategies.fabric  # noqa: E402, F401
+from lightning_cp.chunked_loss import apply_chunked_loss, chunked_logits  # noqa: E402
 from lightning_cp.functional import (  # noqa: E402
     create_context_parallel_ctx,
     gather_cp_seq,
@@ -38,11 +39,17 @@ from lightning_cp.functional import (  # noqa: E402
 )
 from lightning_cp.hooks import attach_context_parallel_hooks, attach_cp_sdpa_hooks  # noqa: E402
 from lightning_cp.loss import count_label_tokens, reduce_loss, token_correct_loss, token_loss_sum  # noqa: E402
+from lightning_cp.memory import apply_activation_checkpointing, apply_memory_options, offload_activations  # noqa: E402
 from lightning_cp.sharding.batch import ContextParallelBatchError  # noqa: E402
 from lightning_cp.sharding.te_batch import make_cp_batch_for_te  # noqa: E402
 from lightning_cp.strategies.trainer import ContextParallelStrategy  # noqa: E402
 
 __all__ = [
+    "apply_activation_checkpointing",
+    "apply_chunked_loss",
+    "apply_memory_options",
+    "chunked_logits",
+    "offload_activations",
     "ContextParallelBatchError",
     "ContextParallelStrategy",
     "attach_context_parallel_hooks",

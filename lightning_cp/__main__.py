@@ -1,5 +1,8 @@
 """Command line: ``python -m lightning_cp doctor --model config.json --seq-len 512 --cp 2``.
 
+``python -m lightning_cp plan --model config.json --cp 8 --memory-gib 80`` prints the longest sequence
+that fits per rank for each memory option (:mod:`lightning_cp.planner`).
+
 A model that is not from Hugging Face comes from ``--module package.module:factory``, with the loss its
 training step computes from ``--loss package.module:function`` (what ``check(loss_fn=...)`` takes).
 """
@@ -11,7 +14,9 @@ import importlib
 import sys
 from typing import Any
 
+from lightning_cp.chunked_loss import DEFAULT_CHUNK_TOKENS
 from lightning_cp.doctor import check, default_loss, factory_from_spec
+from lightning_cp.planner import plan, render
 
 
 def _import_target(option: str, target: str, kind: str) -> Any:
@@ -22,8 +27,35 @@ def _import_target(option: str, target: str, kind: str) -> Any:
     return getattr(importlib.import_module(module_name), attribute)
 
 
+def _add_plan_command(commands: Any) -> None:
+    """The ``plan`` subcommand's options."""
+    planner = commands.add_parser("plan", help="the longest sequence per rank for each memory option")
+    planner.add_argument("--model", required=True, help="config.json, a local model folder or a cached hub id")
+    planner.add_argument("--cp", type=int, required=True, help="context-parallel ranks")
+    planner.add_argument("--memory-gib", type=float, required=True, help="memory of one rank, in GiB")
+    planner.add_argument(
+        "--chunk-tokens",
+        type=int,
+        default=DEFAULT_CHUNK_TOKENS,
+        help=f"tokens per chunk of the chunked loss (default: {DEFAULT_CHUNK_TOKENS})",
+    )
+    planner.add_argument(
+        "--fsdp",
+        type=int,
+        default=1,
+        help="ranks that shard parameters, gradients and optimizer state with FSDP2 (default: 1, replicated)",
+    )
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    """Print the planner's report for the parsed ``plan`` command."""
+    shape, rows = plan(args.model, args.cp, args.memory_gib, args.chunk_tokens, args.fsdp)
+    print(render(shape, rows, args.cp, args.memory_gib, args.chunk_tokens, args.fsdp))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Parse the command line, run the doctor and print its report; exit code 1 when CP is not exact."""
+    """Parse the command line and run the doctor (exit code 1 when CP is not exact) or the planner."""
     parser = argparse.ArgumentParser(prog="python -m lightning_cp")
     commands = parser.add_subparsers(dest="command", required=True)
     doctor = commands.add_parser("doctor", help="check that context parallelism is exact on a model")
@@ -41,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     doctor.add_argument("--cp", type=int, default=2, help="context-parallel ranks (default: 2)")
     doctor.add_argument("--labels", choices=("hf", "aligned"), default="hf", help="label convention (default: hf)")
     doctor.add_argument("--no-load-balance", action="store_true", help="shard contiguously instead of head/tail")
+    _add_plan_command(commands)
     args = parser.parse_args(argv)
+    if args.command == "plan":
+        return _run_plan(args)
 
     factory = factory_from_spec(args.model) if args.model else _import_target("--module", args.module, "factory")
     loss_fn = _import_target("--loss", args.loss, "function") if args.loss else default_loss

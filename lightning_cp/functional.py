@@ -14,10 +14,10 @@ ordered concatenation); unlike NeMo's, nothing process-wide is left changed afte
 
 This module is the facade only: nothing inside the package imports it.
 
-One difference from NeMo AutoModel's ``cp_utils``, on purpose: the batch is sharded out of place when
-``make_cp_batch_and_ctx`` returns, not in place when the context is entered. The returned batch is
-what goes into the model, inside or outside the context, and tensors that require grad
-(``inputs_embeds``) keep their autograd history.
+What still differs from NeMo AutoModel's ``cp_utils``, and why, is listed in the README ("Differences from
+NeMo AutoModel's cp_utils"); the main one: the batch is sharded out of place when ``make_cp_batch_and_ctx``
+returns, not in place when the context is entered, so tensors that require grad (``inputs_embeds``) keep
+their autograd history.
 """
 
 from __future__ import annotations
@@ -32,11 +32,17 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.attention import sdpa_kernel
 
 from lightning_cp import attention
-from lightning_cp.attention.switch import RING_SDPA_BACKENDS, ring_attention, validate_rotate_method
-from lightning_cp.mesh import cp_submesh, mesh_size
-from lightning_cp.sharding.batch import default_position_ids, pad_sequence_field, shard_cp_batch
+from lightning_cp.attention.switch import (
+    RING_SDPA_BACKENDS,
+    ActiveContextParallel,
+    ring_attention,
+    switched_on,
+    validate_rotate_method,
+)
+from lightning_cp.mesh import TENSOR_PARALLEL, cp_submesh, find_submesh, mesh_size
+from lightning_cp.sharding.batch import default_position_ids, pad_sequence_field, padded_length, shard_cp_batch
 from lightning_cp.sharding.packing import is_packed, plan_packed_batch, shard_packed_batch
-from lightning_cp.sharding.sequence import gather_sequence, shard_sequence
+from lightning_cp.sharding.sequence import gather_sequence, ring_pad_multiple, shard_sequence
 from lightning_cp.sharding.te_batch import make_cp_batch_for_te
 
 
@@ -81,7 +87,10 @@ def create_context_parallel_ctx(
 
     Like torch's, it shards ``cp_buffers`` *in place* along ``cp_seq_dims`` on entry and restores all
     but ``cp_no_restore_buffers`` on exit. ``cp_rotate_method`` ("allgather" or "alltoall") applies
-    for the context's duration only; the previous process-wide setting comes back on exit.
+    for the context's duration only; the previous process-wide setting comes back on exit. While it is
+    open, models given :func:`~lightning_cp.hooks.attach_context_parallel_hooks` drop their attention
+    masks and run causal, exactly as inside :func:`make_cp_batch_and_ctx`'s context (the first buffer's
+    length counts as the sequence length for the sliding-window check).
     """
     from torch.distributed.tensor.experimental import context_parallel
 
@@ -89,12 +98,39 @@ def create_context_parallel_ctx(
     try:
         if cp_rotate_method is not None:
             attention.set_rotate_method(validate_rotate_method(cp_rotate_method))
-        with context_parallel(
+        torch_cp = context_parallel(
             cp_mesh, buffers=cp_buffers, buffer_seq_dims=cp_seq_dims, no_restore_buffers=cp_no_restore_buffers
-        ):
+        )
+        seq_len = cp_buffers[0].size(cp_seq_dims[0]) if cp_buffers else None
+        with switched_on(torch_cp, ActiveContextParallel(attention.load_balance_enabled(), seq_len), cp_mesh):
             yield
     finally:
         attention.set_rotate_method(saved_rotate_method)
+
+
+#: NeMo AutoModel's batch key for a model's own batch-sharding callable (a model that owns its CP attention).
+MAKE_BATCH_FN_KEY = "_cp_make_batch_fn"
+#: Names accepted for the tensor-parallel mesh dimension, passed to that callable (ours, then NeMo's).
+TP_DIM_NAMES: tuple[str, ...] = (TENSOR_PARALLEL, "tp")
+
+
+def _no_cp_context(enable_loss_parallel: bool) -> Callable[[], AbstractContextManager[Any]]:
+    """The context factory when lightning_cp runs no ring: ``contextlib.nullcontext``, which NeMo's callers expect.
+
+    Only loss parallelism (tensor parallel) still needs a context of its own.
+    """
+    return get_train_context(True, False) if enable_loss_parallel else contextlib.nullcontext
+
+
+def _split_make_batch_fn(batch: dict[str, Any]) -> tuple[Callable[..., Any] | None, dict[str, Any]]:
+    """The model's own sharding callable (NeMo's ``_cp_make_batch_fn`` key) and the batch without that key.
+
+    The key never stays in the batch, where ``model(**batch)`` would receive it; the caller's dict is
+    left as it was (a batch without the key comes back as the same object).
+    """
+    if MAKE_BATCH_FN_KEY not in batch:
+        return None, batch
+    return batch[MAKE_BATCH_FN_KEY], {key: value for key, value in batch.items() if key != MAKE_BATCH_FN_KEY}
 
 
 def make_cp_batch_and_ctx(
@@ -113,10 +149,11 @@ def make_cp_batch_and_ctx(
     """Shard ``batch`` for this rank's CP shard and return ``(train_ctx, sharded_batch)``.
 
     The CP dimension is found by name ("context_parallel" or "cp"). With no mesh, no such dimension,
-    or a CP size of 1, this is a no-op: the batch comes back unchanged with a context that does nothing
-    CP-related. Otherwise the batch is checked (see :func:`lightning_cp.batch.validate_cp_batch`),
-    ``attention_mask`` is dropped, ``position_ids`` are added when missing, every sequence field is
-    right-padded to a multiple of ``2 * cp`` (``cp`` without load balancing) and sharded. ``loss_mask``,
+    or a CP size of 1, this is a no-op: the batch itself comes back with ``contextlib.nullcontext``.
+    Otherwise the batch is checked (see :func:`lightning_cp.sharding.batch.validate_cp_batch`),
+    ``attention_mask`` is dropped, ``position_ids`` are added when missing (``[batch, seq]``, as given
+    ``[1, seq]`` ones are expanded), every sequence field is right-padded to a multiple of ``2 * cp``
+    (``cp`` without load balancing; two positions per rank at least) and sharded. ``loss_mask``,
     when given, is padded with zeros, sharded and returned as ``sharded_batch["loss_mask"]``.
 
     ``labels`` are sharded position by position, as given: feed labels already shifted (or
@@ -126,10 +163,20 @@ def make_cp_batch_and_ctx(
     A packed batch (``cu_seqlens`` / ``seq_lens`` keys, or ``position_ids`` that restart per document)
     is laid out per document and attention is masked per document (:mod:`lightning_cp.sharding.packing`).
     ``use_te=True`` instead returns this rank's THD batch for Transformer Engine attention, which runs
-    its own ring, as :func:`lightning_cp.te_batch.make_cp_batch_for_te` describes (``num_chunks`` and
-    ``seq_lens_padding_value`` apply there).
+    its own ring, as :func:`lightning_cp.sharding.te_batch.make_cp_batch_for_te` describes (``num_chunks`` and
+    ``seq_lens_padding_value`` apply there). Without CP, and with ``use_te``, the context factory is
+    ``contextlib.nullcontext`` as well (unless ``enable_loss_parallel``).
+
+    A batch carrying a callable under ``"_cp_make_batch_fn"`` (NeMo's hook for a model that shards its
+    own batch) is handed to it instead, as NeMo does: ``fn(cp_mesh, tp_mesh, batch_without_the_key,
+    loss_mask=..., padding_token_id=...)`` (submeshes ``None`` where absent), its result returned as it is.
     """
     cp_mesh = cp_submesh(device_mesh)
+    make_batch_fn, batch = _split_make_batch_fn(batch)
+    if make_batch_fn is not None:
+        tp_mesh = find_submesh(device_mesh, TP_DIM_NAMES)
+        return make_batch_fn(cp_mesh, tp_mesh, batch, loss_mask=loss_mask, padding_token_id=padding_token_id)
+    no_cp_ctx = _no_cp_context(enable_loss_parallel)
     if use_te:
         te_batch = make_cp_batch_for_te(
             cp_mesh,
@@ -138,9 +185,9 @@ def make_cp_batch_and_ctx(
             num_chunks=num_chunks,
             seq_lens_padding_value=seq_lens_padding_value,
         )
-        return get_train_context(enable_loss_parallel, False), te_batch
+        return no_cp_ctx, te_batch
     if mesh_size(cp_mesh) <= 1:
-        return get_train_context(enable_loss_parallel, False), batch
+        return no_cp_ctx, batch
     if loss_mask is not None:
         batch = {**batch, "loss_mask": loss_mask}
     cp_size, cp_rank = cp_mesh.size(), cp_mesh.get_local_rank()
@@ -175,14 +222,15 @@ def make_target_cp_ctx(
 ) -> tuple[AbstractContextManager[None], torch.Tensor, torch.Tensor, int]:
     """Prepare a frozen model's forward under CP: ``(cp_ctx, input_ids_buf, position_ids_buf, orig_len)``.
 
-    The buffers are fresh copies right-padded to a multiple of the CP size (``position_ids``, an
+    The buffers are fresh copies right-padded to a multiple of the CP size (32 times it on CUDA; ``position_ids``, an
     arange when omitted, are expanded to the batch). Entering ``cp_ctx`` shards them in place to this
     rank's contiguous chunk and switches ring attention on; run the model on the buffers inside it and
     bring outputs back with :func:`gather_cp_seq` and ``orig_len``.
     """
     orig_len = input_ids.size(1)
     cp_size = cp_mesh.size()
-    pad_len = -orig_len % cp_size
+    # a multiple of cp (32·cp on CUDA), with at least two positions per rank (see padded_length)
+    pad_len = padded_length(orig_len, cp_size, ring_pad_multiple(cp_size, False, input_ids.device)) - orig_len
     if position_ids is None:
         position_ids = default_position_ids(orig_len, input_ids.device)
     ids_buf = pad_sequence_field("input_ids", input_ids, pad_len).clone()

@@ -79,4 +79,8 @@ def run_on_local_ranks(
                 for process in context.processes:
                     process.kill()
                 raise TimeoutError(f"{fn.__name__} did not finish on {world_size} ranks within {timeout} s")
-        return [torch.load(Path(out_dir) / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
+        # On the CPU: CUDA tensors a rank returned must not start CUDA in this (the launching) process.
+        return [
+            torch.load(Path(out_dir) / f"rank{rank}.pt", weights_only=False, map_location="cpu")
+            for rank in range(world_size)
+        ]

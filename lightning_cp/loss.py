@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 
+from lightning_cp.chunked_loss import HiddenStatesForLoss, chunked_token_loss_sum
 from lightning_cp.sharding.batch import IGNORE_INDEX
 
 Group = DeviceMesh | dist.ProcessGroup | None
@@ -35,16 +36,23 @@ def count_label_tokens(labels: torch.Tensor, group: Group = None, ignore_index: 
     return count
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def token_loss_sum(
+    logits: torch.Tensor | HiddenStatesForLoss, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
     """Sum of cross-entropy over the valid labels of this shard, computed in fp32.
 
     ``labels`` are aligned with ``logits`` position by position (already shifted for causal LM).
+    ``logits`` may be :func:`~lightning_cp.chunked_loss.chunked_logits`: the full logits then never exist.
     """
+    if isinstance(logits, HiddenStatesForLoss):
+        if ignore_index != IGNORE_INDEX:
+            raise ValueError(f"The chunked loss ignores labels equal to {IGNORE_INDEX}, got {ignore_index}.")
+        return chunked_token_loss_sum(logits, labels)
     return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=ignore_index, reduction="sum")
 
 
 def token_correct_loss(
-    logits: torch.Tensor, labels: torch.Tensor, group: Group, ignore_index: int = IGNORE_INDEX
+    logits: torch.Tensor | HiddenStatesForLoss, labels: torch.Tensor, group: Group, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
     """This rank's share of the global token-mean cross-entropy: local sum / global valid-label count.
 

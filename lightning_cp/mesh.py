@@ -22,6 +22,10 @@ DATA_PARALLEL = "data_parallel"
 CONTEXT_PARALLEL = "context_parallel"
 TENSOR_PARALLEL = "tensor_parallel"
 DATA_CONTEXT_PARALLEL = "data_context_parallel"
+#: The dimensions of the hybrid-sharded (HSDP) mesh: replicas of the model, and the ranks one replica
+#: is sharded over (data shard × context).
+DATA_PARALLEL_REPLICATE = "data_parallel_replicate"
+DATA_SHARD_CONTEXT_PARALLEL = "data_shard_context_parallel"
 
 Size = int | Literal["auto"]
 
@@ -79,6 +83,27 @@ def resolve_layout(
             " data_parallel_size='auto'."
         )
     return ParallelLayout(dp, cp, tp)
+
+
+def build_hsdp_mesh(mesh: DeviceMesh, replicate: int) -> DeviceMesh:
+    """The (replicate, data shard × context, tensor) mesh over the ranks of ``mesh``, for HSDP.
+
+    FSDP2 given its first two dimensions keeps ``replicate`` copies of the model, each sharded over the
+    data-shard × context ranks: gradients are reduce-scattered within a copy and all-reduced across
+    copies, which averages them over all data × context ranks, as plain FSDP2 over them would.
+    """
+    data, context, tensor = mesh.mesh.shape
+    if replicate < 1 or data % replicate:
+        raise ValueError(
+            f"data_parallel_replicate_size={replicate} must divide the data-parallel size ({data}): each replica"
+            f" of the model is sharded over data_parallel / replicate × cp = {data} / {replicate} × {context} ranks."
+        )
+    ranks = mesh.mesh.reshape(replicate, (data // replicate) * context, tensor)
+    return DeviceMesh(
+        mesh.device_type,
+        ranks,
+        mesh_dim_names=(DATA_PARALLEL_REPLICATE, DATA_SHARD_CONTEXT_PARALLEL, TENSOR_PARALLEL),
+    )
 
 
 def describe_rank(mesh: DeviceMesh, rank: int) -> str:

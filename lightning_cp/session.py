@@ -21,15 +21,22 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from lightning_cp.attention.switch import ring_attention
+from lightning_cp.attention.transformer_engine import (
+    set_te_context_parallel_group,
+    te_context_parallel_modules,
+    uses_transformer_engine_attention,
+)
+from lightning_cp.chunked_loss import HiddenStatesForLoss
 from lightning_cp.consistency import check_same_batch
 from lightning_cp.hooks import attach_context_parallel_hooks, attach_cp_sdpa_hooks
 from lightning_cp.loss import count_label_tokens, token_loss_sum
 from lightning_cp.loss_check import LossWatch
+from lightning_cp.memory import offload_activations as offloading_saved_tensors
 from lightning_cp.mesh import CONTEXT_PARALLEL, DATA_PARALLEL, TENSOR_PARALLEL
 from lightning_cp.sharding.batch import IGNORE_INDEX, next_token_labels, primary_input_key, shard_cp_batch
 from lightning_cp.sharding.packing import PackedLayout, gather_packed, is_packed, plan_packed_batch, shard_packed_batch
 from lightning_cp.sharding.sequence import gather_sequence
-from lightning_cp.sharding.te_batch import make_cp_batch_for_te, padded_packed_batch
+from lightning_cp.sharding.te_batch import make_cp_batch_for_te, one_document_per_row, padded_packed_batch
 from lightning_cp.validation import check_tensor_parallel_heads
 
 
@@ -61,8 +68,11 @@ class ContextParallelSession:
         padding_token_id: id padded into ``input_ids`` to reach a multiple of ``2 * cp``.
         check_batch_every_n_steps: compare the CP group's batches on every n-th micro-batch (default:
             every one; it costs one all-gather of six numbers); 0 turns the check off.
-        transformer_engine: send packed batches to Transformer Engine attention in THD format instead of
-            the document-masked ring; ``None`` decides per model (TE attention modules present or not).
+        transformer_engine: the model's attention is Transformer Engine's: it gets the CP group at setup
+            and every batch in THD format (packed or not; a plain row is one document), and torch's SDPA
+            ring stays off; ``None`` decides per model (TE attention modules present or not).
+        offload_activations: on CUDA, keep tensors saved for backward in pinned host memory while the
+            context is open (see :mod:`lightning_cp.memory`).
     """
 
     def __init__(
@@ -76,6 +86,7 @@ class ContextParallelSession:
         padding_token_id: int = 0,
         check_batch_every_n_steps: int = 1,
         transformer_engine: bool | None = None,
+        offload_activations: bool = False,
     ) -> None:
         self.device_mesh = device_mesh
         self.cp_mesh = device_mesh[CONTEXT_PARALLEL]
@@ -86,6 +97,7 @@ class ContextParallelSession:
         self.padding_token_id = padding_token_id
         self.check_batch_every_n_steps = check_batch_every_n_steps
         self.transformer_engine = transformer_engine
+        self.offload_activations = offload_activations
         self.current: ShardedStep | None = None
         self._prepared: set[int] = set()
         self._context: ExitStack | None = None
@@ -95,26 +107,44 @@ class ContextParallelSession:
 
     # ----------------------------------------------------------------------------------- model
     def prepare_model(self, module: nn.Module) -> list[str]:
-        """Attach the attention hooks and wrap Hugging Face losses (once per module); return hooked names."""
+        """Make ``module``'s attention run under CP and wrap Hugging Face losses (once per module).
+
+        Transformer Engine attention (detected first, unless ``transformer_engine`` was given) gets the
+        CP group and runs its own ring; any other attention is hooked to run through the SDPA ring.
+        Returns the names of the modules prepared.
+        """
+        if self.transformer_engine is None:
+            self.transformer_engine = uses_transformer_engine_attention(module)
+        check_tensor_parallel_heads(module, self.device_mesh[TENSOR_PARALLEL].size())
+        if self.transformer_engine:
+            return self._prepare_te_model(module)
         names = attach_context_parallel_hooks(module)
         if not names:
             raise ValueError(
                 f"Found no self-attention modules in `{type(module).__name__}` (modules named `self_attn`, or"
-                " `*Attention` classes with an `is_causal` attribute). Context parallelism needs attention that"
-                " runs through `F.scaled_dot_product_attention`; build Hugging Face models with"
-                " `attn_implementation='sdpa'`."
+                " `*Attention` classes with an `is_causal` attribute, or Transformer Engine attention). Context"
+                " parallelism needs attention that runs through `F.scaled_dot_product_attention`; build Hugging"
+                " Face models with `attn_implementation='sdpa'`."
             )
-        check_tensor_parallel_heads(module, self.device_mesh[TENSOR_PARALLEL].size())
-        if self.transformer_engine is None:
-            self.transformer_engine = uses_transformer_engine_attention(module)
         if id(module) not in self._prepared:
             # Both model fixes at setup: masks dropped under CP, and SDPA kept out of compiled graphs.
             attach_cp_sdpa_hooks(module, self.cp_mesh)
-            for submodule in module.modules():
-                if _is_hf_model(submodule):
-                    submodule.loss_function = self._token_correct_hf_loss(_hf_loss_function(submodule))
-            self._prepared.add(id(module))
+            self._wrap_hf_losses(module)
         return names
+
+    def _prepare_te_model(self, module: nn.Module) -> list[str]:
+        """Give every Transformer Engine attention module the CP group (TE runs the ring) and wrap HF losses, once."""
+        if id(module) not in self._prepared:
+            set_te_context_parallel_group(module, self.cp_mesh.get_group())
+            self._wrap_hf_losses(module)
+        return list(te_context_parallel_modules(module))
+
+    def _wrap_hf_losses(self, module: nn.Module) -> None:
+        """Make the loss of every Hugging Face model inside ``module`` token-correct under CP."""
+        for submodule in module.modules():
+            if _is_hf_model(submodule):
+                submodule.loss_function = self._token_correct_hf_loss(_hf_loss_function(submodule))
+        self._prepared.add(id(module))
 
     def _token_correct_hf_loss(self, loss_function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         def context_parallel_loss(
@@ -165,7 +195,7 @@ class ContextParallelSession:
         ranks = self.data_context_mesh.size()
         return total + ranks * (share - share.detach())
 
-    def token_correct_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def token_correct_loss(self, logits: torch.Tensor | HiddenStatesForLoss, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of position-aligned ``labels`` under CP, as :meth:`globalize_loss` describes."""
         count = self.current.label_count if self.current is not None else None
         if count is None:
@@ -216,6 +246,8 @@ class ContextParallelSession:
             check_same_batch(batch, self.cp_mesh, self._batches_seen)
         self._batches_seen += 1
         source = dict(batch)
+        if self.transformer_engine and not is_packed(source):
+            source = one_document_per_row(source)  # TE attention runs only on THD batches under CP
         if is_packed(source):
             local, layout = self._shard_packed(source, require_labels)
             padded_len = layout.padded_len
@@ -256,7 +288,9 @@ class ContextParallelSession:
         )
         if te:
             padded = padded_packed_batch(source, layout, self.padding_token_id)
-            return make_cp_batch_for_te(self.cp_mesh, padded, padding_token_id=self.padding_token_id), layout
+            thd = make_cp_batch_for_te(self.cp_mesh, padded, padding_token_id=self.padding_token_id)
+            thd["max_seqlen"] = int(thd["max_seqlen"])  # TE's `max_seqlen_q` / `max_seqlen_kv` are ints
+            return thd, layout
         return shard_packed_batch(
             source, layout, self.cp_mesh.get_local_rank(), padding_token_id=self.padding_token_id
         ), layout
@@ -276,6 +310,8 @@ class ContextParallelSession:
                 documents=layout,
             )
             stack.enter_context(ring)
+        if self.offload_activations:
+            stack.enter_context(offloading_saved_tensors(torch.device(self.cp_mesh.device_type)))
         self._context = stack
 
     def close(self) -> None:
@@ -349,14 +385,6 @@ class ContextParallelSession:
             return gather_packed(tensor, step.layout, self.cp_mesh, seq_dim=1)
         full = gather_sequence(tensor, self.cp_mesh, 1, self.load_balance)
         return full.narrow(1, 0, step.seq_len)
-
-
-def uses_transformer_engine_attention(module: nn.Module) -> bool:
-    """Whether ``module`` contains Transformer Engine attention (which runs its own CP ring)."""
-    return any(
-        type(submodule).__module__.startswith("transformer_engine") and "Attention" in type(submodule).__name__
-        for submodule in module.modules()
-    )
 
 
 def _is_hf_model(module: nn.Module) -> bool:

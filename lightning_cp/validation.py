@@ -5,15 +5,14 @@ in a ring. The rules of this module, of batches, of packed documents and of the 
 :class:`ContextParallelInputError`, whose traceback :mod:`lightning_cp.rank_errors` then shows once
 instead of once per rank. Where each rule is enforced:
 
-* here: the sequence must give every rank real tokens (``check_sequence_fits``), query / key / value
-  must share a dtype (``check_qkv``), tensor parallelism must divide the attention heads
+* here: query / key / value must share a dtype (``check_qkv``), tensor parallelism must divide the attention heads
   (``check_tensor_parallel_heads``), and what the ring cannot compute (``check_ring_supported``:
   explicit masks, dropout, non-causal attention with load balancing);
-* :func:`lightning_cp.batch.validate_cp_batch`: input ids or embeddings, labels, agreeing lengths
+* :func:`lightning_cp.sharding.batch.validate_cp_batch`: input ids or embeddings, labels, agreeing lengths
   and batch sizes, empty batches, right-padding-only attention masks;
-* :func:`lightning_cp.packing.document_lengths`: packed documents that cover their rows exactly;
+* :func:`lightning_cp.sharding.packing.document_lengths`: packed documents that cover their rows exactly;
 * :mod:`lightning_cp.hooks`: sliding windows, non-SDPA attention, missing ``position_ids``;
-* :func:`lightning_cp.layout.resolve_layout`: cp / dp / tp sizes that multiply to the world size;
+* :func:`lightning_cp.mesh.resolve_layout`: cp / dp / tp sizes that multiply to the world size;
 * :func:`lightning_cp.consistency.check_same_batch`: every rank of a CP group holds the same batch.
 """
 
@@ -35,17 +34,6 @@ class ContextParallelInputError(ValueError):
 
 class ContextParallelBatchError(ContextParallelInputError):
     """A batch that context parallelism cannot shard without changing the result."""
-
-
-def check_sequence_fits(seq_len: int, cp_size: int, load_balance: bool) -> None:
-    """Refuse sequences too short to give every CP rank a real token in each of its chunks."""
-    chunks = 2 * cp_size if load_balance else cp_size
-    if seq_len < chunks:
-        raise ContextParallelBatchError(
-            f"A sequence of {seq_len} tokens is too short for cp_size={cp_size}: it is cut into {chunks} chunks"
-            f"{' (2 per rank, load balanced)' if load_balance else ''}, so some ranks would hold only padding."
-            f" Use sequences of at least {chunks} tokens or a smaller cp_size."
-        )
 
 
 def check_ring_supported(attn_mask: Any, dropout_p: float, is_causal: bool, load_balance: bool) -> None:

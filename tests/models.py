@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.nn.functional import scaled_dot_product_attention as sdpa_imported_by_name
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
 from lightning_cp.sharding.batch import next_token_labels
+
+#: The devices the parity tests run on: CPU always; CUDA when a GPU is present (gloo carries CUDA tensors,
+#: so two ranks may share one GPU).
+DEVICES = (
+    pytest.param("cpu"),
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none is visible)")
+    ),
+)
 
 _TINY = dict(
     vocab_size=256,

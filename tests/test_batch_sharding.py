@@ -68,7 +68,7 @@ def test_shard_cp_batch_pads_makes_positions_and_shards_every_field():
     local, padded_len = shard_cp_batch(batch, cp_size=2, cp_rank=0, load_balance=True)
     assert padded_len == 12 and "attention_mask" not in local
     assert local["pixel_values"] is batch["pixel_values"]
-    assert local["position_ids"].tolist() == [[0, 1, 2, 9, 10, 11]]
+    assert local["position_ids"].tolist() == [[0, 1, 2, 9, 10, 11]] * 2
     assert local["input_ids"][0].tolist() == [0, 1, 2, 9, 0, 0]
     assert local["labels"][0].tolist() == [100, 101, 102, 109, -100, -100]
     assert local["loss_mask"][0].tolist() == [1, 1, 1, 1, 0, 0]

@@ -67,6 +67,30 @@ def _document_ring(rank: int, world_size: int) -> dict:
     return results
 
 
+def _autocast_runs(rank: int, world_size: int) -> list[list[torch.Tensor]]:
+    """bf16 inputs, forward and backward inside CPU autocast, then the same without autocast."""
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("context_parallel",))
+    q, k, v, grad_out = (t.to(torch.bfloat16) for t in _inputs())
+    layout = plan_packed_layout(DOCUMENTS, world_size, True)
+    runs = []
+    for enabled in (True, False):
+        local = [shard_packed(t, layout, rank, seq_dim=2).requires_grad_() for t in (q, k, v)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled), ring_attention(mesh, documents=layout):
+            out = F.scaled_dot_product_attention(*local, is_causal=True, enable_gqa=True)
+            out.backward(shard_packed(grad_out, layout, rank, seq_dim=2))
+        runs.append([out.detach(), *(t.grad for t in local)])
+    return runs
+
+
+def test_autocast_does_not_lower_the_document_ring_products():
+    # Under autocast (CPU and CUDA) matmuls would run in bf16; the ring keeps its scores, merge and
+    # backward in fp32, in the forward and in a backward called inside the autocast region alike.
+    for autocast, plain in run_on_ranks(_autocast_runs):
+        for name, got, expected in zip(("out", "dq", "dk", "dv"), autocast, plain, strict=True):
+            assert got.dtype == torch.bfloat16, name
+            torch.testing.assert_close(got, expected, atol=0, rtol=0, msg=f"{name} changed under autocast")
+
+
 @pytest.fixture(scope="module")
 def results():
     return run_on_ranks(_document_ring)

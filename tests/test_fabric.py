@@ -7,11 +7,36 @@ import torch
 from common import reference_sgd_run, run_script
 
 
-@pytest.mark.parametrize("layout,loss", [("replicate", "hf"), ("fsdp", "hf"), ("replicate", "custom")])
+@pytest.mark.parametrize(
+    "layout,loss",
+    [
+        ("replicate", "hf"),
+        ("fsdp", "hf"),
+        ("replicate", "custom"),
+        ("replicate", "chunked"),
+        ("replicate", "custom-chunked"),
+    ],
+)
 def test_fabric_cp2_loop_equals_one_process_training(tmp_path, layout, loss, assert_same_training):
     out = tmp_path / "result.pt"
-    extra = ["--custom-loss"] if loss == "custom" else []
+    memory_options = ["--chunked-loss", "16", "--activation-checkpointing"]
+    extra = {
+        "hf": [],
+        "custom": ["--custom-loss"],
+        "chunked": memory_options,
+        "custom-chunked": ["--custom-loss", *memory_options],
+    }[loss]
     result = run_script("fabric_llama.py", "--out", str(out), "--layout", layout, "--lr", "1.0", *extra)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    run = torch.load(out, weights_only=False)
+    assert_same_training(run, reference_sgd_run(steps=5, accumulate=1, lr=1.0, shuffled=False))
+
+
+@pytest.mark.slow
+def test_fabric_tp2_by_cp2_loop_equals_one_process_training(tmp_path, assert_same_training):
+    """4 processes: the Llama TP plan applied in ``parallelize_fn``, the ring over context_parallel."""
+    out = tmp_path / "result.pt"
+    result = run_script("fabric_llama.py", "--out", str(out), "--tp", "2", "--lr", "1.0")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     run = torch.load(out, weights_only=False)
     assert_same_training(run, reference_sgd_run(steps=5, accumulate=1, lr=1.0, shuffled=False))

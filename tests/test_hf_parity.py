@@ -1,4 +1,4 @@
-"""CP=2 on two gloo ranks gives the CP=1 loss and gradients for unmodified Hugging Face models."""
+"""CP=2 on two gloo ranks gives the CP=1 loss and gradients for unmodified Hugging Face models (CPU; CUDA too)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from distributed_harness import run_on_ranks
-from models import lm_batch, tiny_causal_lm
+from models import DEVICES, lm_batch, tiny_causal_lm
 from torch.distributed.device_mesh import init_device_mesh
 
 from lightning_cp import (
@@ -19,6 +19,7 @@ from lightning_cp import (
     token_loss_sum,
 )
 from lightning_cp.loss import _process_group
+from lightning_cp.sharding.sequence import ring_pad_multiple
 
 
 def _reference(model, batch):
@@ -59,10 +60,12 @@ def _cp_run(model, mesh, batch, mode: str):
     return reduce_loss(loss, cp_mesh), _summed_grads(model, cp_mesh), local["position_ids"].shape[-1]
 
 
-def _parity(rank: int, world_size: int, family: str, seq_len: int, ignored_share: float, mode: str) -> dict:
-    mesh = init_device_mesh("cpu", (1, world_size), mesh_dim_names=("data_parallel", "context_parallel"))
-    model = tiny_causal_lm(family)
-    batch = lm_batch(seq_len=seq_len, ignored_share=ignored_share)
+def _parity(
+    rank: int, world_size: int, family: str, seq_len: int, ignored_share: float, mode: str, device: str
+) -> dict:
+    mesh = init_device_mesh(device, (1, world_size), mesh_dim_names=("data_parallel", "context_parallel"))
+    model = tiny_causal_lm(family).to(device)
+    batch = {key: value.to(device) for key, value in lm_batch(seq_len=seq_len, ignored_share=ignored_share).items()}
     cp_model = copy.deepcopy(model)
     ref_loss, ref_grads = _reference(model, batch)
     cp_loss, cp_grads, local_len = _cp_run(cp_model, mesh, batch, mode)
@@ -80,10 +83,12 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family,seq_len,ignored_share,mode", CASES)
-def test_cp2_loss_and_gradients_equal_cp1(family, seq_len, ignored_share, mode):
-    results = run_on_ranks(_parity, family, seq_len, ignored_share, mode)
-    padded = -(-seq_len // 4) * 4
+def test_cp2_loss_and_gradients_equal_cp1(family, seq_len, ignored_share, mode, device):
+    results = run_on_ranks(_parity, family, seq_len, ignored_share, mode, device)
+    multiple = ring_pad_multiple(2, True, device)  # 4 on CPU; 128 on CUDA (the efficient kernel's 32-query blocks)
+    padded = -(-seq_len // multiple) * multiple
     for result in results:
         assert result["local"] == padded // 2
         torch.testing.assert_close(result["cp_loss"], result["ref_loss"], rtol=1e-5, atol=0)

@@ -57,7 +57,7 @@ def _sync_each_layout(rank: int, world_size: int) -> dict[str, torch.Tensor]:
     module.register_parameter("replicated", torch.nn.Parameter(replicated))
     module.register_parameter("sharded", torch.nn.Parameter(sharded))
     module.register_buffer("counter", torch.tensor([rank + 1]))
-    broadcast_replicated_state(module)
+    broadcast_replicated_state(module, mesh)
     return {
         "weight": module.weight.detach().clone(),
         "replicated": module.replicated.to_local().detach().clone(),

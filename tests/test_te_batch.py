@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models import DEVICES
 
 from lightning_cp import ContextParallelBatchError
 from lightning_cp.sharding.packing import plan_packed_layout
@@ -33,8 +34,8 @@ def test_cp2_partition_by_hand_with_padding_and_sentinels():
     assert rank0["position_ids"].tolist() == [0, 3, 0, 3, 0, 1, 6, 7]
     assert rank1["position_ids"].tolist() == [1, 2, 1, 2, 2, 3, 4, 5]
     for out in (rank0, rank1):
-        assert out["cu_seqlens"].tolist() == [0, 3, 6, 12]
-        assert out["cu_seqlens_padded"].tolist() == [0, 4, 8, 16]
+        # NeMo's meaning under CP: `cu_seqlens` delimits the padded sequences, the layout the tokens have
+        assert out["cu_seqlens"].tolist() == out["cu_seqlens_padded"].tolist() == [0, 4, 8, 16]
         assert out["cu_seqlens"].dtype == out["cu_seqlens_padded"].dtype == torch.int32
         assert int(out["max_seqlen"]) == 8 and out["max_seqlen"].dtype == torch.int32
         assert out["qkv_format"] == "thd" and out["cp_size"] == 2
@@ -59,14 +60,26 @@ def test_cp4_partition_by_hand():
 def test_num_chunks_splits_rows_and_pads_cumulative_lengths_with_the_sentinel():
     out = thd_batch_for_rank(_two_rows(), cp_size=2, cp_rank=1, num_chunks=2)
     assert out["input_ids"].tolist() == [[12, 13, 22, 23], [33, 34, 35, 36]]
-    assert out["cu_seqlens"].tolist() == [[0, 3, 6], [0, 6, SENTINEL]]
-    assert out["cu_seqlens_padded"].tolist() == [[0, 4, 8], [0, 8, SENTINEL]]
+    assert out["cu_seqlens"].tolist() == out["cu_seqlens_padded"].tolist() == [[0, 4, 8], [0, 8, SENTINEL]]
     assert out["max_seqlen"].tolist() == [4, 8]
 
 
 def test_without_cp_the_batch_is_flattened_not_partitioned():
     out = thd_batch_for_rank(_two_rows(), cp_size=1, cp_rank=0)
     assert out["input_ids"].tolist() == _two_rows()["input_ids"].flatten().tolist()
+    assert out["cu_seqlens"].tolist() == [0, 3, 6, 12]  # without CP: the real lengths, as NeMo gives them
+    assert out["cu_seqlens_padded"].tolist() == [0, 4, 8, 16]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_tensor_made_stays_on_the_batch_device(device):
+    # No `position_ids` in the batch: they are made from the padded lengths, on the batch's device.
+    batch = {key: value.to(device) for key, value in _two_rows().items()}
+    out = thd_batch_for_rank(batch, cp_size=2, cp_rank=0)
+    for key, value in out.items():
+        if isinstance(value, torch.Tensor):
+            assert value.device.type == device, key
+    assert out["position_ids"].tolist() == [0, 3, 0, 3, 0, 1, 6, 7]
 
 
 @pytest.mark.parametrize(

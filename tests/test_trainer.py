@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from common import BATCH_SIZE, hf_style_samples, reference_sgd_run, run_script, tiny_causal_lm
+from common import BATCH_SIZE, hf_style_samples, reference_sgd_run, run_script, script_command, tiny_causal_lm
 
 from lightning_cp import ContextParallelStrategy
 from lightning_cp.callbacks import ContextParallelCallback
@@ -50,16 +51,69 @@ def test_bf16_mixed_training_with_cp2_is_as_close_to_fp32_as_bf16_mixed_without_
     assert (plain_bf16["losses"] - truth["losses"]).abs().max() > 0, "bf16-mixed must differ from fp32"
 
 
+def test_chunked_loss_and_activation_checkpointing_with_cp2_equal_one_process_training(tmp_path, assert_same_training):
+    """The memory options on, FSDP2 (chunks of 16 tokens, layers recomputed with the ring running again): exact.
+
+    Replicated models with the options are covered by the Fabric runs (test_fabric.py).
+    """
+    run = _train(
+        tmp_path, "--layout", "fsdp", "--chunked-loss", "16", "--activation-checkpointing", "--offload-activations"
+    )
+    assert_same_training(run, reference_sgd_run(steps=5, accumulate=1, lr=LR))
+    assert "`offload_activations=True` does nothing on CPU" in run["log"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="the Trainer puts one rank on each GPU: needs 2 GPUs")
+def test_cp2_training_on_gpus_equals_one_process_training(tmp_path, assert_same_training):
+    """The same parity on CUDA (NCCL, the CUDA ring kernels) against the CPU reference, fp32."""
+    run = _train(tmp_path, "--accelerator", "gpu")
+    assert_same_training(run, reference_sgd_run(steps=5, accumulate=1, lr=LR))
+
+
 def test_manual_optimization_with_cp2_equals_one_process_training(tmp_path, assert_same_training):
     run = _train(tmp_path, "--manual")
     assert_same_training(run, reference_sgd_run(steps=5, accumulate=1, lr=LR))
 
 
+@pytest.mark.slow
 def test_dp2_by_cp2_training_equals_one_process_training_on_the_global_batch(tmp_path, assert_same_training):
     """4 processes: the sampler is keyed on the data-parallel rank and the loss is token-correct across dp."""
     run = _train(tmp_path, "--devices", "4", "--dp", "2", "--layout", "fsdp")
     assert_same_training(run, reference_sgd_run(steps=5, accumulate=1, lr=LR, data_parallel=2))
     assert "data_parallel=2 × context_parallel=2 × tensor_parallel=1" in run["log"]
+
+
+@pytest.mark.slow
+def test_hsdp_replicate2_by_cp2_training_equals_one_process_training_on_the_global_batch(
+    tmp_path, assert_same_training
+):
+    """4 processes: 2 replicas of the model (HSDP), each sharded over its 2 context-parallel ranks."""
+    run = _train(tmp_path, "--devices", "4", "--dp", "2", "--replicate", "2", "--layout", "hsdp")
+    assert_same_training(run, reference_sgd_run(steps=5, accumulate=1, lr=LR, data_parallel=2))
+    assert run["hsdp_placements"] == "(Replicate(), Shard(dim=0))"
+
+
+@pytest.mark.slow
+def test_tp2_by_cp2_training_equals_one_process_training(tmp_path, assert_same_training):
+    """4 processes: a Llama TP plan over tensor_parallel × the ring over context_parallel, plain SGD."""
+    run = _train(tmp_path, "--devices", "4", "--tp", "2")
+    assert "data_parallel=1 × context_parallel=2 × tensor_parallel=2" in run["log"]
+    assert_same_training(run, reference_sgd_run(steps=5, accumulate=1, lr=LR))
+
+
+def test_two_nodes_train_as_one_node_with_the_same_ranks(tmp_path, assert_same_training):
+    """Two "nodes" on this machine (Lightning's num_nodes=2, one process each, NODE_RANK 0 and 1)."""
+    out = tmp_path / "result.pt"
+    command, env = script_command("trainer_llama.py", "--out", str(out), "--devices", "1", "--num-nodes", "2")
+    nodes = [
+        subprocess.Popen(command, env={**env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for rank in range(2)
+    ]
+    logs = [node.communicate(timeout=300)[0].decode() for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    run = torch.load(out, weights_only=False)
+    assert_same_training(run, reference_sgd_run(steps=5, accumulate=1, lr=LR))
+    assert "data_parallel=1 × context_parallel=2 × tensor_parallel=1 on 2 processes" in logs[0]
 
 
 def test_validation_loss_with_cp2_equals_without_cp(tmp_path):

@@ -89,35 +89,42 @@ class _DocumentMaskedRing(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        query, key, value, out, lse = ctx.saved_tensors
-        groups, scale, group = ctx.groups, ctx.scale, ctx.group
-        keys, values = _gather_shards(key, group), _gather_shards(value, group)
-        q, d_out = query.float(), grad_out.float()
-        delta = (d_out * out).sum(dim=-1, keepdim=True)
-        d_query = torch.zeros_like(q)
-        d_keys = torch.zeros((len(keys), *key.shape), dtype=torch.float32, device=key.device)
-        d_values = torch.zeros_like(d_keys)
-        for rank, (mask, k, v) in enumerate(zip(ctx.masks, keys, values, strict=True)):
-            if mask is None:
-                continue
-            k, v = _expand_heads(k, groups).float(), _expand_heads(v, groups).float()
-            scores = (q @ k.transpose(-1, -2)) * scale
-            probs = torch.exp(scores.masked_fill(~mask, -math.inf) - lse.unsqueeze(-1))
-            d_values[rank] = _fold_heads(probs.transpose(-1, -2) @ d_out, groups)
-            d_scores = probs * (d_out @ v.transpose(-1, -2) - delta)
-            d_query += (d_scores @ k) * scale
-            d_keys[rank] = _fold_heads((d_scores.transpose(-1, -2) @ q) * scale, groups)
-        dist.all_reduce(d_keys, group=group)
-        dist.all_reduce(d_values, group=group)
-        own = dist.get_rank(group)
-        return (
-            d_query.to(query.dtype),
-            d_keys[own].to(key.dtype),
-            d_values[own].to(value.dtype),
-            None,
-            None,
-            None,
-        )
+        # A backward called inside an autocast region runs with autocast on: keep its products in fp32 too.
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _document_masked_backward(ctx, grad_out)
+
+
+def _document_masked_backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+    """Gradients of :class:`_DocumentMaskedRing`: each block recomputed from the saved output and log-sum-exp."""
+    query, key, value, out, lse = ctx.saved_tensors
+    groups, scale, group = ctx.groups, ctx.scale, ctx.group
+    keys, values = _gather_shards(key, group), _gather_shards(value, group)
+    q, d_out = query.float(), grad_out.float()
+    delta = (d_out * out).sum(dim=-1, keepdim=True)
+    d_query = torch.zeros_like(q)
+    d_keys = torch.zeros((len(keys), *key.shape), dtype=torch.float32, device=key.device)
+    d_values = torch.zeros_like(d_keys)
+    for rank, (mask, k, v) in enumerate(zip(ctx.masks, keys, values, strict=True)):
+        if mask is None:
+            continue
+        k, v = _expand_heads(k, groups).float(), _expand_heads(v, groups).float()
+        scores = (q @ k.transpose(-1, -2)) * scale
+        probs = torch.exp(scores.masked_fill(~mask, -math.inf) - lse.unsqueeze(-1))
+        d_values[rank] = _fold_heads(probs.transpose(-1, -2) @ d_out, groups)
+        d_scores = probs * (d_out @ v.transpose(-1, -2) - delta)
+        d_query += (d_scores @ k) * scale
+        d_keys[rank] = _fold_heads((d_scores.transpose(-1, -2) @ q) * scale, groups)
+    dist.all_reduce(d_keys, group=group)
+    dist.all_reduce(d_values, group=group)
+    own = dist.get_rank(group)
+    return (
+        d_query.to(query.dtype),
+        d_keys[own].to(key.dtype),
+        d_values[own].to(value.dtype),
+        None,
+        None,
+        None,
+    )
 
 
 class DocumentMaskedAttention:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +69,37 @@ def _cast_as_autocast_would(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(tensor.to(dtype) if tensor.is_floating_point() else tensor for tensor in tensors)
 
 
+#: dtypes for which a GQA-capable ring kernel (flash, cuDNN) runs on CUDA; others get the efficient kernel.
+_GQA_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def needs_expanded_kv(device_type: str, dtype: torch.dtype, query_heads: int, kv_heads: int, enable_gqa: bool) -> bool:
+    """Whether K/V heads must be repeated to the query heads before the ring's SDPA kernel runs.
+
+    Under the ring only the flash, efficient and cuDNN kernels may run (never math). On CUDA, flash and
+    cuDNN take grouped-query attention but only fp16/bf16; the efficient kernel, which fp32 gets, is
+    documented in torch 2.13 without GQA (``F.scaled_dot_product_attention``: "GQA ... works only for
+    Flash_attention and math kernel on CUDA"). So fp32 GQA on CUDA would find no kernel. CPU's flash
+    kernel takes GQA in every dtype.
+    """
+    return enable_gqa and query_heads != kv_heads and device_type == "cuda" and dtype not in _GQA_KERNEL_DTYPES
+
+
+def expand_kv_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``key`` and ``value`` with each head repeated for its group of query heads (what ``enable_gqa`` means).
+
+    Query head ``h`` attends with key/value head ``h // (query_heads // kv_heads)``, as in torch's GQA.
+    """
+    query_heads, kv_heads = query.size(-3), key.size(-3)
+    if query_heads % kv_heads:
+        raise ValueError(
+            f"Grouped-query attention needs the query heads ({query_heads}) to be a multiple of the key/value"
+            f" heads ({kv_heads})."
+        )
+    repeats = query_heads // kv_heads
+    return key.repeat_interleave(repeats, dim=-3), value.repeat_interleave(repeats, dim=-3)
+
+
 def _guarded(sdpa: Callable[..., torch.Tensor], load_balance: bool) -> Callable[..., torch.Tensor]:
     """``sdpa`` preceded by the ring's input checks, so a bad call fails clearly before any kernel runs."""
 
@@ -80,13 +111,16 @@ def _guarded(sdpa: Callable[..., torch.Tensor], load_balance: bool) -> Callable[
         attn_mask: torch.Tensor | None = None,
         dropout_p: float = 0.0,
         is_causal: bool = False,
-        *args: Any,
-        **kwargs: Any,
+        scale: float | None = None,
+        enable_gqa: bool = False,
     ) -> torch.Tensor:
         check_ring_supported(attn_mask, dropout_p, is_causal, load_balance)
         query, key, value = _cast_as_autocast_would(query, key, value)
         check_qkv(query, key, value)
-        return sdpa(query, key, value, attn_mask, dropout_p, is_causal, *args, **kwargs)
+        if needs_expanded_kv(query.device.type, query.dtype, query.size(-3), key.size(-3), enable_gqa):
+            key, value = expand_kv_heads(query, key, value)
+            enable_gqa = False
+        return sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
 
     return guarded_sdpa
 
@@ -115,6 +149,45 @@ def _document_sdpa(layout: PackedLayout, cp_mesh: DeviceMesh) -> Callable[..., t
     return document_masked_sdpa
 
 
+def _refuse_nesting() -> None:
+    """Raise before anything is switched on when ring attention is already on in this process."""
+    if _active is not None:
+        raise RuntimeError(
+            "Ring attention is already switched on in this process; context-parallel contexts do not nest."
+        )
+
+
+@contextmanager
+def switched_on(
+    dispatcher: AbstractContextManager[Any], state: ActiveContextParallel, cp_mesh: DeviceMesh
+) -> Iterator[None]:
+    """Enter ``dispatcher`` (what routes SDPA to a ring) and make CP look the same to the model while open.
+
+    Every public way of entering CP comes through here: :func:`ring_attention` with lightning_cp's
+    dispatcher, and the NeMo-style ``create_context_parallel_ctx`` with torch's own ``context_parallel``.
+    So whichever is open, the hooked attention modules see ``state`` (they drop masks and run causal),
+    SDPA checks its inputs first (or runs the document-masked ring for ``state.documents``), and only
+    the kernels the ring can run are allowed. Contexts do not nest: the inner one's exit would switch
+    the outer one's dispatcher off. Everything is put back on exit, also when the body raises.
+    """
+    global _active
+    _refuse_nesting()
+    with dispatcher:
+        torch_ring_sdpa = F.scaled_dot_product_attention
+        try:
+            if state.documents is None:
+                F.scaled_dot_product_attention = _guarded(torch_ring_sdpa, state.load_balance)
+            else:
+                F.scaled_dot_product_attention = _document_sdpa(state.documents, cp_mesh)
+            _active = state
+            # Never the math kernel: it would compute plain attention on the local shards, not the ring.
+            with sdpa_kernel(RING_SDPA_BACKENDS):
+                yield
+        finally:
+            _active = None
+            F.scaled_dot_product_attention = torch_ring_sdpa  # torch restores only its own wrapper
+
+
 @contextmanager
 def ring_attention(
     cp_mesh: DeviceMesh,
@@ -128,27 +201,12 @@ def ring_attention(
 
     Q/K/V given to SDPA are taken as this rank's sequence shards. ``load_balance`` must match how the
     inputs were sharded (head/tail chunks when ``True``, contiguous chunks when ``False``). With
-    ``documents`` (a packed batch sharded by :func:`lightning_cp.packing.shard_packed_batch`), the
+    ``documents`` (a packed batch sharded by :func:`lightning_cp.sharding.packing.shard_packed_batch`), the
     document-masked ring runs instead of torch's. Backward passes must run inside the context: the
     ring's backward is dispatched through it as well.
     """
-    global _active
-    if _active is not None:
-        raise RuntimeError(
-            "Ring attention is already switched on in this process; context-parallel contexts do not nest."
-        )
+    _refuse_nesting()
     validate_rotate_method(rotate_method)
-    with _torch.ring_dispatcher(cp_mesh, SDPA_SEQ_DIM, load_balance, rotate_method):
-        torch_ring_sdpa = F.scaled_dot_product_attention
-        try:
-            if documents is None:
-                F.scaled_dot_product_attention = _guarded(torch_ring_sdpa, load_balance)
-            else:
-                F.scaled_dot_product_attention = _document_sdpa(documents, cp_mesh)
-            _active = ActiveContextParallel(load_balance, global_seq_len, documents)
-            # Never the math kernel: it would compute plain attention on the local shards, not the ring.
-            with sdpa_kernel(RING_SDPA_BACKENDS):
-                yield
-        finally:
-            _active = None
-            F.scaled_dot_product_attention = torch_ring_sdpa  # torch restores only its own wrapper
+    dispatcher = _torch.ring_dispatcher(cp_mesh, SDPA_SEQ_DIM, load_balance, rotate_method)
+    with switched_on(dispatcher, ActiveContextParallel(load_balance, global_seq_len, documents), cp_mesh):
+        yield

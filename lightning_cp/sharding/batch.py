@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from lightning_cp.sharding.sequence import shard_multiple, shard_sequence
-from lightning_cp.validation import ContextParallelBatchError, check_sequence_fits
+from lightning_cp.sharding.sequence import ring_pad_multiple, shard_sequence
+from lightning_cp.validation import ContextParallelBatchError
 
 __all__ = ["ContextParallelBatchError"]
 
@@ -30,6 +30,10 @@ SEQUENCE_KEYS: tuple[str, ...] = (
     "padding_mask",
 )
 _LABEL_KEYS = ("labels", "shift_labels")
+#: Fewest positions one rank's shard may hold. Hugging Face's SDPA attention takes a single query for a
+#: decoding step and turns causal masking off (``is_causal = q_length > 1 and ...``), so a one-token shard
+#: would attend to later positions through the ring. Sequences that short get more padding instead.
+MIN_SHARD_TOKENS = 2
 
 
 def sequence_dim(key: str, tensor: torch.Tensor) -> int:
@@ -127,6 +131,31 @@ def default_position_ids(seq_len: int, device: torch.device) -> torch.Tensor:
     return torch.arange(seq_len, device=device).unsqueeze(0)
 
 
+def padded_length(seq_len: int, cp_size: int, multiple: int) -> int:
+    """The length a sequence of ``seq_len`` is right-padded to for ``cp_size`` ranks.
+
+    A multiple of ``multiple`` (what the layout needs), and long enough to give every rank at least
+    :data:`MIN_SHARD_TOKENS` positions.
+    """
+    return -(-max(seq_len, MIN_SHARD_TOKENS * cp_size) // multiple) * multiple
+
+
+def position_ids_per_row(batch: dict[str, Any], seq_len: int) -> torch.Tensor:
+    """The batch's ``position_ids`` with a row for every batch row, ``[batch, seq]``; made when missing.
+
+    Positions made or given once for all rows (``[1, seq]``) are expanded to every row, as NeMo AutoModel
+    returns them, so code that reads positions row by row keeps working (models take either shape).
+    3-D mRoPE positions (``[3, batch, seq]``) are returned as they are.
+    """
+    primary = batch[primary_input_key(batch)]
+    positions = batch.get("position_ids")
+    if not isinstance(positions, torch.Tensor):
+        positions = default_position_ids(seq_len, primary.device)
+    if positions.ndim == 2 and positions.size(0) == 1:
+        positions = positions.expand(primary.size(0), -1)
+    return positions
+
+
 def pad_value_for(key: str, padding_token_id: int) -> int | bool:
     """The value that pads batch field ``key`` without changing its meaning."""
     return {
@@ -169,17 +198,21 @@ def shard_cp_batch(
 ) -> tuple[dict[str, Any], int]:
     """Validate, pad and shard ``batch``; return this rank's batch and the padded global length.
 
+    The sequence is right-padded to a multiple of ``2 * cp`` (``cp`` without load balancing), 32 times
+    that on CUDA (:func:`~lightning_cp.sharding.sequence.ring_pad_multiple`).
+
     ``attention_mask`` is checked (right padding only) and dropped: CP attention is causal.
-    ``position_ids`` are made when missing, so each shard keeps its tokens' true positions. Fields
+    ``position_ids`` are made when missing, so each shard keeps its tokens' true positions, and come back
+    ``[batch, seq]`` (see :func:`position_ids_per_row`). Any length of at least one token is padded and
+    runs exactly, also when a rank holds only padding (padding sits after every real token, so causal
+    attention never lets a real token see it, and its labels are ignored). Fields
     that are not laid out along the sequence pass through unchanged. The input is not modified.
     """
     seq_len = validate_cp_batch(batch, require_labels=require_labels)
-    check_sequence_fits(seq_len, cp_size, load_balance)
-    multiple = shard_multiple(cp_size, load_balance)
-    padded_len = -(-seq_len // multiple) * multiple
+    multiple = ring_pad_multiple(cp_size, load_balance, batch[primary_input_key(batch)].device)
+    padded_len = padded_length(seq_len, cp_size, multiple)
     out = {key: value for key, value in batch.items() if key != "attention_mask"}
-    if not isinstance(out.get("position_ids"), torch.Tensor):
-        out["position_ids"] = default_position_ids(seq_len, out[primary_input_key(out)].device)
+    out["position_ids"] = position_ids_per_row(out, seq_len)
     for key, tensor in _sequence_fields(out).items():
         padded = pad_sequence_field(key, tensor, padded_len - seq_len, padding_token_id)
         out[key] = shard_sequence(padded, sequence_dim(key, padded), cp_size, cp_rank, load_balance)

@@ -28,12 +28,12 @@ from lightning_cp.sharding.batch import (
     SEQUENCE_KEYS,
     ContextParallelBatchError,
     pad_value_for,
+    padded_length,
     primary_input_key,
     validate_cp_batch,
 )
 from lightning_cp.sharding.sequence import gather_sequence
 from lightning_cp.sharding.thd import thd_partitioned_indices
-from lightning_cp.validation import check_sequence_fits
 
 #: Batch keys that delimit the documents of a packed row; they do not go into the model.
 PACKING_KEYS: tuple[str, ...] = ("cu_seqlens", "cu_seqlens_padded", "seq_lens", "seq_lens_padded")
@@ -197,9 +197,9 @@ def _pad_documents(lengths: Sequence[Sequence[int]], cp_size: int, load_balance:
 
 def plan_packed_layout(lengths: Sequence[Sequence[int]], cp_size: int, load_balance: bool) -> PackedLayout:
     """Lay the documents of every row out for ``cp_size`` ranks (see the module docstring)."""
-    check_sequence_fits(max(sum(row) for row in lengths), cp_size, load_balance)
     padded_lengths = _pad_documents(lengths, cp_size, load_balance)
-    padded_len = _ceil_to(max(sum(row) for row in padded_lengths), 2 * cp_size if load_balance else cp_size)
+    longest = max(sum(row) for row in padded_lengths)
+    padded_len = padded_length(longest, cp_size, 2 * cp_size if load_balance else cp_size)
     sources, documents, shards = [], [], []
     for row, padded_row in zip(lengths, padded_lengths, strict=True):
         source: list[int] = []

@@ -36,6 +36,23 @@ def shard_multiple(cp_size: int, load_balance: bool) -> int:
     return 2 * cp_size if load_balance else cp_size
 
 
+#: On CUDA, torch's efficient SDPA kernel pads its log-sum-exp to a multiple of this many queries.
+EFFICIENT_LSE_BLOCK = 32
+
+
+def ring_pad_multiple(cp_size: int, load_balance: bool, device: torch.device | str) -> int:
+    """Pad a sequence for torch's SDPA ring to a multiple of this: every query block of the ring stays exact.
+
+    On CUDA the efficient kernel (the one fp32 runs) returns its log-sum-exp padded to a multiple of
+    32 queries (torch's meta registration of ``_scaled_dot_product_efficient_attention``), and torch's
+    ring merge combines it with the output block as is, and takes the second half of it for a
+    load-balanced tail block. Both need every query block (a half shard with load balancing, the whole
+    shard without) to be a multiple of 32. Other devices need only :func:`shard_multiple`.
+    """
+    multiple = shard_multiple(cp_size, load_balance)
+    return multiple * EFFICIENT_LSE_BLOCK if torch.device(device).type == "cuda" else multiple
+
+
 def shard_positions(seq_len: int, cp_size: int, cp_rank: int, load_balance: bool) -> torch.Tensor:
     """Global sequence positions held by ``cp_rank``, in the order its shard stores them."""
     multiple = shard_multiple(cp_size, load_balance)

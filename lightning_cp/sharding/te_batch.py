@@ -4,7 +4,7 @@ Transformer Engine runs its own ring inside ``DotProductAttention`` when given a
 packed sequences in THD layout (all tokens in one row, delimited by ``cu_seqlens``). What it needs
 from the batch: every sequence padded to a multiple of ``2 * cp``, each rank's tokens picked with
 TE's per-sequence head/tail partitioning (:mod:`lightning_cp.sharding.thd`), and the *global* cumulative
-lengths — real ones in ``cu_seqlens``, padded ones in ``cu_seqlens_padded``. Transformer Engine is
+lengths of the padded sequences (``cu_seqlens``, as NeMo AutoModel gives them, and ``cu_seqlens_padded``). TE is
 never imported here; its CUDA partitioning kernel is used when it is installed and the batch is on
 a GPU, and the same partitioning in plain torch otherwise.
 """
@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from lightning_cp.mesh import mesh_size
-from lightning_cp.sharding.batch import ContextParallelBatchError
+from lightning_cp.sharding.batch import ContextParallelBatchError, primary_input_key
 from lightning_cp.sharding.packing import PACKING_KEYS, SEQ_LENS_PADDING_VALUE, PackedLayout, padded_rows
 from lightning_cp.sharding.thd import partitioned_indices
 
@@ -59,7 +59,7 @@ def _to_thd(batch: dict[str, Any], padding_value: int, padding_token_id: int) ->
             thd[key] = batch[key].reshape(total, *batch[key].shape[2:])
     if "position_ids" not in thd:
         starts = torch.repeat_interleave(_cumulative(seq_lens_padded)[:-1].long(), seq_lens_padded)
-        thd["position_ids"] = (torch.arange(total) - starts).to(input_ids.device)
+        thd["position_ids"] = (torch.arange(total, device=starts.device) - starts).to(input_ids.device)
     thd["padding_mask"] = thd["input_ids"] == padding_token_id
     thd["cu_seqlens"] = _cumulative(seq_lens).to(input_ids.device)
     thd["cu_seqlens_padded"] = _cumulative(seq_lens_padded).to(input_ids.device)
@@ -73,6 +73,9 @@ def _partition(thd: dict[str, Any], cp_size: int, cp_rank: int) -> dict[str, Any
     for key in THD_TOKEN_KEYS:
         if isinstance(thd.get(key), torch.Tensor):
             thd[key] = thd[key].index_select(0, index.to(thd[key].device)).contiguous()
+    # NeMo's meaning under CP: each sequence spans its padded length (padding sits at its end, after every
+    # real token, so causal attention of the real tokens is unchanged), and TE's CP needs sequences of 2 * cp.
+    thd["cu_seqlens"] = thd["cu_seqlens_padded"]
     return thd
 
 
@@ -92,6 +95,16 @@ def _stack_chunks(chunks: list[dict[str, Any]], padding_value: int) -> dict[str,
     return stacked
 
 
+def check_qkv_format(qkv_format: str) -> None:
+    """Refuse any layout but THD with NeMo's meaning (a ``ValueError``), before any other work."""
+    if qkv_format != "thd":
+        raise ValueError(
+            f"Only the 'thd' format is supported, got {qkv_format!r}: Transformer Engine's context-parallel"
+            " attention is given packed sequences (all tokens in one row, delimited by `cu_seqlens`). Pass"
+            " qkv_format='thd' (the default), or shard a [batch, seq] batch with make_cp_batch_and_ctx(use_te=False)."
+        )
+
+
 def thd_batch_for_rank(
     batch: dict[str, Any],
     cp_size: int,
@@ -103,8 +116,7 @@ def thd_batch_for_rank(
     seq_lens_padding_value: int = SEQ_LENS_PADDING_VALUE,
 ) -> dict[str, Any]:
     """Rank ``cp_rank`` of ``cp_size``'s THD batch; :func:`make_cp_batch_for_te` with the rank given."""
-    if qkv_format != "thd":
-        raise ValueError(f"Only the 'thd' format is supported, got {qkv_format!r}.")
+    check_qkv_format(qkv_format)
     rows = batch["input_ids"].size(0)
     if num_chunks < 1 or rows % num_chunks:
         raise ValueError(f"`num_chunks` ({num_chunks}) must be a positive divisor of the batch size ({rows}).")
@@ -141,13 +153,17 @@ def make_cp_batch_for_te(
     each chunk is flattened and cut into this rank's tokens (TE's per-sequence head/tail partitioning).
 
     Returns ``input_ids``, ``labels``, ``position_ids``, ``padding_mask`` (``input_ids ==
-    padding_token_id``) for this rank's tokens; the global ``cu_seqlens`` (real lengths) and
-    ``cu_seqlens_padded`` (int32), ``max_seqlen`` (the longest padded sequence, int32), ``qkv_format``,
-    ``cp_size`` and ``cp_rank``. With ``num_chunks > 1`` every tensor gets a leading chunk dimension and
+    padding_token_id``) for this rank's tokens; the global cumulative lengths ``cu_seqlens`` and
+    ``cu_seqlens_padded`` (int32), ``max_seqlen`` (the longest padded sequence, an int32 tensor, as NeMo
+    gives it; TE's ``max_seqlen_q`` wants ``int(...)``), ``qkv_format``, ``cp_size`` and ``cp_rank``. As in
+    NeMo AutoModel, with ``cp > 1`` ``cu_seqlens`` holds the *padded* lengths (equal to ``cu_seqlens_padded``:
+    the boundaries of the token layout TE partitions); with ``cp == 1`` it holds the real lengths.
+    With ``num_chunks > 1`` every tensor gets a leading chunk dimension and
     the cumulative lengths are right-padded with ``seq_lens_padding_value``. Without a CP mesh (or
     ``cp == 1``) the batch is converted but not partitioned. Position ids missing from ``batch``
     restart at 0 in every sequence.
     """
+    check_qkv_format(qkv_format)  # before the process group is asked for anything, as NeMo does
     cp_size = mesh_size(cp_mesh) or 1
     cp_rank = dist.get_rank(cp_mesh.get_group()) if cp_mesh is not None and cp_size > 1 else 0
     return thd_batch_for_rank(
@@ -184,3 +200,15 @@ def padded_packed_batch(batch: dict[str, Any], layout: PackedLayout, padding_tok
     if not all(isinstance(out.get(key), torch.Tensor) for key in ("input_ids", "labels")):
         raise ContextParallelBatchError("The Transformer Engine THD path needs `input_ids` and `labels`.")
     return out
+
+
+def one_document_per_row(batch: dict[str, Any]) -> dict[str, Any]:
+    """``batch`` with ``seq_lens`` saying that each row is one document (right padding included).
+
+    Transformer Engine attention runs under CP only on THD batches, so a plain ``[batch, seq]`` batch
+    of a TE model goes the packed way, one document per row. Right padding (``attention_mask`` zeros)
+    stays at the end of its row's document, where causal attention keeps it from every real token.
+    """
+    primary = batch[primary_input_key(batch)]
+    rows, seq_len = primary.size(0), primary.size(1)
+    return {**batch, "seq_lens": torch.full((rows, 1), seq_len, dtype=torch.long, device=primary.device)}

@@ -33,7 +33,8 @@ from typing_extensions import override
 from lightning_cp.mesh import Size
 from lightning_cp.strategies.checkpoint import (
     is_replicated_state,
-    load_replicated_checkpoint,
+    load_checkpoint,
+    loads_here,
     save_replicated_checkpoint,
 )
 from lightning_cp.strategies.gradients import average_replicated_gradients, check_sharded_parameters
@@ -56,9 +57,15 @@ class ContextParallelStrategy(ContextParallelMixin, FabricModelParallelStrategy)
             its gradients are then averaged over the data × context ranks in ``optimizer.step()``.
         cp_size, data_parallel_size, tensor_parallel_size, rotate_method, load_balance, shift_labels,
         padding_token_id, check_batch_every_n_steps: as in
-        :class:`lightning_cp.strategy.ContextParallelStrategy`.
+        :class:`lightning_cp.strategies.trainer.ContextParallelStrategy`.
         deterministic: deterministic kernels only, so two runs of one configuration give identical losses.
         timeout: how long a collective may wait for the other ranks before the job fails (default 10 min).
+        data_parallel_replicate_size: HSDP: copies of the model among the data-parallel ranks, each
+            sharded over data_parallel / replicate × cp ranks (see ``hsdp_mesh``). Default 1.
+        chunked_loss: compute a Hugging Face causal LM's loss chunk by chunk from the hidden states, so the
+            full logits never exist (``True`` or tokens per chunk; see :mod:`lightning_cp.chunked_loss`).
+        activation_checkpointing: recompute the decoder layers in backward (the CP attention runs again).
+        offload_activations: on CUDA, keep the activations saved for backward in pinned host memory.
         heartbeat_timeout: a rank whose heartbeat is silent this long (stopped, frozen) is named and the job
             ended (default 2 min; ``None``: never). Ctrl-C and SIGTERM end every rank within seconds either way.
         save_distributed_checkpoint, process_group_backend: as in Fabric's ``ModelParallelStrategy``.
@@ -80,6 +87,10 @@ class ContextParallelStrategy(ContextParallelMixin, FabricModelParallelStrategy)
         process_group_backend: str | None = None,
         timeout: timedelta | None = DEFAULT_COLLECTIVE_TIMEOUT,
         heartbeat_timeout: timedelta | None = DEFAULT_HEARTBEAT_TIMEOUT,
+        data_parallel_replicate_size: int = 1,
+        chunked_loss: bool | int = False,
+        activation_checkpointing: bool = False,
+        offload_activations: bool = False,
     ) -> None:
         super().__init__(
             parallelize_fn=parallelize_fn or _replicate,
@@ -95,6 +106,10 @@ class ContextParallelStrategy(ContextParallelMixin, FabricModelParallelStrategy)
             tensor_parallel_size,
             deterministic=deterministic,
             heartbeat_timeout=heartbeat_timeout,
+            data_parallel_replicate_size=data_parallel_replicate_size,
+            chunked_loss=chunked_loss,
+            activation_checkpointing=activation_checkpointing,
+            offload_activations=offload_activations,
             load_balance=load_balance,
             rotate_method=rotate_method,
             shift_labels=shift_labels,
@@ -117,6 +132,7 @@ class ContextParallelStrategy(ContextParallelMixin, FabricModelParallelStrategy)
         if not any(isinstance(param, DTensor) for param in module.parameters()):
             module.to(self.root_device)
         self._synchronize_replicas(module)
+        self._apply_memory_options(module)
         self.session.prepare_model(module)
         self._modules.append(module)
         return module
@@ -151,10 +167,15 @@ class ContextParallelStrategy(ContextParallelMixin, FabricModelParallelStrategy)
         strict: bool = True,
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
-        """As Fabric's, and also into a replicated model; any layout's checkpoint loads into any other."""
-        if not isinstance(state, dict) or not is_replicated_state(state):
+        """As Fabric's, and also into a replicated model; any layout's checkpoint loads into any other.
+
+        Single files are loaded by lightning_cp for every model: Lightning's loader fails on one whose
+        optimizer has no state (plain SGD) in an FSDP2 / TP model (see ``strategies/checkpoint.py``).
+        """
+        path = Path(self.broadcast(path))
+        if not isinstance(state, dict) or not loads_here(path, state):
             return super().load_checkpoint(path, state, strict=strict, weights_only=weights_only)
-        return load_replicated_checkpoint(Path(self.broadcast(path)), state, strict=strict, weights_only=weights_only)
+        return load_checkpoint(path, state, strict=strict, weights_only=weights_only)
 
     @contextmanager
     def context_parallel(

@@ -2,8 +2,9 @@
 
 All ranks of a CP group hold the same weights but see different shards of the sequence, so their
 gradients are partial and must be combined, like data-parallel ones. FSDP2 applied over the flattened
-data × context mesh does this itself (averaging); plain, replicated parameters are averaged here with
-one all-reduce right before the optimizer step. The loss side multiplies each rank's gradient share by
+data × context mesh does this itself (averaging); plain, replicated parameters, and parameters that
+tensor parallelism alone distributes, are averaged here with one all-reduce per dtype right before
+the optimizer step. The loss side multiplies each rank's gradient share by
 the number of data × context ranks, so the average is exactly the gradient without CP.
 """
 
@@ -15,17 +16,28 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from lightning_cp.mesh import CONTEXT_PARALLEL, DATA_CONTEXT_PARALLEL
+from lightning_cp.mesh import CONTEXT_PARALLEL, DATA_CONTEXT_PARALLEL, DATA_SHARD_CONTEXT_PARALLEL, TENSOR_PARALLEL
+
+
+def spans_data_context(tensor: DTensor) -> bool:
+    """Whether a DTensor is distributed over the data × context ranks (FSDP2 then reduces its gradient)."""
+    dims = tensor.device_mesh.mesh_dim_names or ()
+    return any(dim in dims for dim in (DATA_CONTEXT_PARALLEL, CONTEXT_PARALLEL, DATA_SHARD_CONTEXT_PARALLEL))
 
 
 def check_sharded_parameters(module: nn.Module, cp_size: int) -> None:
-    """Refuse DTensor parameters whose mesh leaves the CP ranks out of the gradient reduction."""
+    """Refuse DTensor parameters spread over data-parallel ranks but not over the context-parallel ones.
+
+    Those would be reduced over the data ranks only, missing the other sequence shards. Parameters
+    distributed over the tensor-parallel dimension alone are fine: their gradients are averaged over
+    the data × context ranks here, like replicated ones.
+    """
     if cp_size == 1:
         return
     for name, param in module.named_parameters():
-        if isinstance(param, DTensor):
+        if isinstance(param, DTensor) and not spans_data_context(param):
             dims = param.device_mesh.mesh_dim_names or ()
-            if DATA_CONTEXT_PARALLEL not in dims and CONTEXT_PARALLEL not in dims:
+            if set(dims) - {TENSOR_PARALLEL}:
                 raise ValueError(
                     f"Parameter `{name}` is distributed over mesh dimensions {dims}, which do not include the"
                     " context-parallel ranks, so its gradient would miss the other sequence shards. Apply"
@@ -35,19 +47,25 @@ def check_sharded_parameters(module: nn.Module, cp_size: int) -> None:
 
 @torch.no_grad()
 def average_replicated_gradients(module: nn.Module, data_context_mesh: DeviceMesh) -> None:
-    """Average the gradients of plain (non-DTensor) parameters over the data × context ranks, in place."""
+    """Average, over the data × context ranks, the gradients that FSDP2 does not reduce, in place.
+
+    Those of plain (replicated) parameters, and the local parts of parameters distributed over the
+    tensor-parallel dimension only (each data × context rank holds the same piece of them).
+    """
     if data_context_mesh.size() == 1:
         return
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    by_dtype: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for param in module.parameters():
-        if param.grad is not None and not isinstance(param.grad, DTensor):
-            by_dtype.setdefault(param.grad.dtype, []).append(param.grad)
+        grad = param.grad
+        if grad is None or (isinstance(param, DTensor) and spans_data_context(param)):
+            continue
+        local = grad.to_local() if isinstance(grad, DTensor) else grad
+        by_dtype.setdefault((local.dtype, local.device), []).append(local)
     for grads in by_dtype.values():
         flat = flatten_tensors(grads)
         dist.all_reduce(flat, group=data_context_mesh.get_group())
         flat /= data_context_mesh.size()
         copy_from_flat(grads, flat)
-
 
 def flatten_tensors(tensors: list[torch.Tensor]) -> torch.Tensor:
     """One contiguous 1-D tensor holding ``tensors`` (one dtype and device): one collective instead of many."""

@@ -8,7 +8,9 @@ give the same guarantee at setup, for every layout they support:
 - a DTensor is replicated along the mesh dimensions whose placement is ``Replicate()`` (e.g. the
   data dimension of HSDP, or a layer norm under tensor parallelism): its local tensor is broadcast
   along each of those dimensions from the dimension's first rank. Along ``Shard`` dimensions each
-  rank holds a different piece of one tensor, so nothing is sent there.
+  rank holds a different piece of one tensor, so nothing is sent there;
+- a DTensor whose mesh leaves out the data × context ranks (tensor parallelism alone) is one copy per
+  data × context rank: its local piece is broadcast over them from their first rank.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
 
-from lightning_cp.strategies.gradients import copy_from_flat, flatten_tensors
+from lightning_cp.strategies.gradients import copy_from_flat, flatten_tensors, spans_data_context
 
 
 def _module_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
@@ -43,7 +46,7 @@ def _broadcast_flat(tensors: list[torch.Tensor], group: dist.ProcessGroup | None
 
 
 @torch.no_grad()
-def broadcast_replicated_state(module: nn.Module) -> None:
+def broadcast_replicated_state(module: nn.Module, data_context_mesh: DeviceMesh) -> None:
     """Give every replica of ``module``'s parameters and buffers the values of its first replica.
 
     Call on every rank, after the model is sharded (FSDP2 / TP) and moved to its device, before the
@@ -55,6 +58,9 @@ def broadcast_replicated_state(module: nn.Module) -> None:
         if not isinstance(tensor, DTensor):
             plain.append(tensor.data)
             continue
+        if not spans_data_context(tensor) and data_context_mesh.size() > 1:
+            group = data_context_mesh.get_group()
+            replicated.setdefault(id(group), (group, []))[1].append(tensor.to_local())
         mesh = tensor.device_mesh
         for dim, placement in enumerate(tensor.placements):
             if isinstance(placement, Replicate) and mesh.size(dim) > 1:

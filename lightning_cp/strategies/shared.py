@@ -10,11 +10,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lightning_cp.attention.switch import validate_rotate_method
+from lightning_cp.chunked_loss import HiddenStatesForLoss
+from lightning_cp.memory import apply_memory_options, chunk_tokens_of
 from lightning_cp.mesh import (
     CONTEXT_PARALLEL,
     ParallelLayout,
     Size,
     build_device_mesh,
+    build_hsdp_mesh,
     describe_rank,
     resolve_layout,
     validate_size,
@@ -68,9 +71,21 @@ class ContextParallelMixin:
         tensor_parallel_size: Size,
         deterministic: bool = False,
         heartbeat_timeout: timedelta | None = DEFAULT_HEARTBEAT_TIMEOUT,
+        data_parallel_replicate_size: int = 1,
+        chunked_loss: bool | int = False,
+        activation_checkpointing: bool = False,
         **session_options: Any,
     ) -> None:
         """Check the arguments now (before any process starts) and keep them for the session."""
+        if not isinstance(data_parallel_replicate_size, int) or data_parallel_replicate_size < 1:
+            raise ValueError(
+                f"`data_parallel_replicate_size` must be a positive int, got {data_parallel_replicate_size!r}."
+            )
+        self._replicate_size = data_parallel_replicate_size
+        chunk_tokens_of(chunked_loss)  # refuse a bad value now, before any process starts
+        self._chunked_loss = chunked_loss
+        self._activation_checkpointing = activation_checkpointing
+        self._hsdp_mesh: DeviceMesh | None = None
         validate_size("cp_size", cp_size)
         validate_size("data_parallel_size", data_parallel_size)
         validate_size("tensor_parallel_size", tensor_parallel_size)
@@ -91,6 +106,8 @@ class ContextParallelMixin:
             self.world_size, self._cp_size, self._data_parallel_size, self._tensor_parallel_size
         )
         self._device_mesh, data_context_mesh = build_device_mesh(self._layout, self.root_device)
+        if self._replicate_size > 1:
+            self._hsdp_mesh = build_hsdp_mesh(self._device_mesh, self._replicate_size)
         self._session = ContextParallelSession(self._device_mesh, data_context_mesh, **self._session_options)
         install_same_error_hook(self._session.cp_mesh)
         self._start_watchdog()
@@ -123,9 +140,15 @@ class ContextParallelMixin:
             watchdog, self._watchdog = self._watchdog, None
             watchdog.stop()
 
+    def _apply_memory_options(self, module: torch.nn.Module) -> None:
+        """Chunked loss and activation checkpointing on the user's model (before the session wraps its loss)."""
+        apply_memory_options(
+            module, chunked_loss=self._chunked_loss, activation_checkpointing=self._activation_checkpointing
+        )
+
     def _synchronize_replicas(self, module: torch.nn.Module) -> None:
         """Copy rank 0's replicated weights to every rank, as DDP does: correct even if the user never seeded."""
-        broadcast_replicated_state(module)
+        broadcast_replicated_state(module, self.data_context_mesh)
 
     @property
     def session(self) -> ContextParallelSession:
@@ -133,6 +156,20 @@ class ContextParallelMixin:
         if self._session is None:
             raise RuntimeError("The context-parallel session exists only after the processes have started.")
         return self._session
+
+    @property
+    def hsdp_mesh(self) -> DeviceMesh:
+        """The (``data_parallel_replicate``, ``data_shard_context_parallel``, ``tensor_parallel``) mesh.
+
+        For HSDP: ``fully_shard(layer, mesh=strategy.hsdp_mesh["data_parallel_replicate",
+        "data_shard_context_parallel"])`` keeps ``data_parallel_replicate_size`` copies of the model,
+        each sharded over the data-shard × context ranks.
+        """
+        if self._hsdp_mesh is None:
+            raise RuntimeError(
+                "The HSDP mesh exists only with `data_parallel_replicate_size` > 1, after the processes started."
+            )
+        return self._hsdp_mesh
 
     @property
     def layout(self) -> ParallelLayout:
@@ -151,9 +188,10 @@ class ContextParallelMixin:
         """The flattened data × context submesh: shard parameters with FSDP2 over it."""
         return self.session.data_context_mesh
 
-    def token_correct_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def token_correct_loss(self, logits: torch.Tensor | HiddenStatesForLoss, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy for a loss of your own, under CP: the whole batch's value, the right gradient.
 
-        ``labels`` are the position-aligned labels of the sharded batch (``batch["labels"]``).
+        ``labels`` are the position-aligned labels of the sharded batch (``batch["labels"]``). With the
+        chunked loss, pass ``lightning_cp.chunked_logits(hidden_states, model.lm_head)`` as ``logits``.
         """
         return self.session.token_correct_loss(logits, labels)

@@ -20,7 +20,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_cp.mesh import Size
-from lightning_cp.strategies.checkpoint import is_replicated_state, load_replicated_checkpoint
+from lightning_cp.strategies.checkpoint import load_checkpoint, loads_here, resume_sampler_epoch
 from lightning_cp.strategies.gradients import average_replicated_gradients, check_sharded_parameters
 from lightning_cp.strategies.shared import DEFAULT_COLLECTIVE_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT, ContextParallelMixin
 
@@ -49,6 +49,12 @@ class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
         gather_predictions: gather predicted logits back to the full sequence in ``predict``.
         deterministic: deterministic kernels only, so two runs of one configuration give identical losses.
         timeout: how long a collective may wait for the other ranks before the job fails (default 10 min).
+        data_parallel_replicate_size: HSDP: copies of the model among the data-parallel ranks, each
+            sharded over data_parallel / replicate × cp ranks (see ``hsdp_mesh``). Default 1.
+        chunked_loss: compute a Hugging Face causal LM's loss chunk by chunk from the hidden states, so the
+            full logits never exist (``True`` or tokens per chunk; see :mod:`lightning_cp.chunked_loss`).
+        activation_checkpointing: recompute the decoder layers in backward (the CP attention runs again).
+        offload_activations: on CUDA, keep the activations saved for backward in pinned host memory.
         heartbeat_timeout: a rank whose heartbeat is silent this long (stopped, frozen) is named and the job
             ended (default 2 min; ``None``: never). Ctrl-C and SIGTERM end every rank within seconds either way.
         save_distributed_checkpoint, process_group_backend: as in ``ModelParallelStrategy``.
@@ -70,6 +76,10 @@ class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = DEFAULT_COLLECTIVE_TIMEOUT,
         heartbeat_timeout: timedelta | None = DEFAULT_HEARTBEAT_TIMEOUT,
+        data_parallel_replicate_size: int = 1,
+        chunked_loss: bool | int = False,
+        activation_checkpointing: bool = False,
+        offload_activations: bool = False,
     ) -> None:
         super().__init__(
             data_parallel_size=data_parallel_size,
@@ -84,6 +94,10 @@ class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
             tensor_parallel_size,
             deterministic=deterministic,
             heartbeat_timeout=heartbeat_timeout,
+            data_parallel_replicate_size=data_parallel_replicate_size,
+            chunked_loss=chunked_loss,
+            activation_checkpointing=activation_checkpointing,
+            offload_activations=offload_activations,
             load_balance=load_balance,
             rotate_method=rotate_method,
             shift_labels=shift_labels,
@@ -130,6 +144,7 @@ class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
         self.model_to_device()
         check_sharded_parameters(self.model, self.layout.context_parallel)
         self._synchronize_replicas(self.model)
+        self._apply_memory_options(self.model)
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
@@ -154,18 +169,31 @@ class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        """As ``ModelParallelStrategy``'s, and also into a replicated model: resume with any layout."""
+        """As ``ModelParallelStrategy``'s, and also into a replicated model: resume with any layout.
+
+        Single files are loaded by lightning_cp for every model: Lightning's loader fails on one whose
+        optimizer has no state (plain SGD) in an FSDP2 / TP model (see ``strategies/checkpoint.py``).
+        """
+        path = Path(self.broadcast(checkpoint_path))
         state = {"state_dict": self.model, **{f"optimizer_{i}": opt for i, opt in enumerate(self.optimizers)}}
-        if not is_replicated_state(state):
-            return super().load_checkpoint(checkpoint_path, weights_only)
+        if not loads_here(path, state):
+            return super().load_checkpoint(path, weights_only)
         assert self.lightning_module is not None
-        return load_replicated_checkpoint(
-            Path(self.broadcast(checkpoint_path)),
+        return load_checkpoint(
+            path,
             state,
             strict=self.lightning_module.strict_loading,
             weights_only=weights_only,
             optimizer_states_from_list=True,
         )
+
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        """As Lightning's; a training loader also starts in the resumed epoch's order (see ``resume_sampler_epoch``)."""
+        assert self.lightning_module is not None
+        if self.lightning_module.trainer.training:
+            resume_sampler_epoch(dataloader, self.lightning_module.trainer)
+        return super().process_dataloader(dataloader)
 
     @override
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:

@@ -34,9 +34,33 @@ def hf_style_samples(count: int, seq_len: int = SEQ_LEN, seed: int = 0) -> list[
         if index % 3 == 0:
             labels[: int(0.6 * seq_len)] = -100
         else:
-            labels[torch.randint(0, seq_len, (seq_len // 10,), generator=generator)] = -100
+            labels[torch.randint(0, max(seq_len, 1), (seq_len // 10,), generator=generator)] = -100
         samples.append({"input_ids": input_ids, "labels": labels})
     return samples
+
+
+#: Megatron-style tensor parallelism for the tiny Llama's decoder layers: attention heads and MLP columns
+#: split over the tensor-parallel ranks (embeddings, norms and the LM head stay replicated).
+LLAMA_TP_PLAN = {
+    "self_attn.q_proj": "colwise",
+    "self_attn.k_proj": "colwise",
+    "self_attn.v_proj": "colwise",
+    "self_attn.o_proj": "rowwise",
+    "mlp.gate_proj": "colwise",
+    "mlp.up_proj": "colwise",
+    "mlp.down_proj": "rowwise",
+}
+
+
+def apply_tensor_parallel(model: torch.nn.Module, tp_mesh) -> torch.nn.Module:
+    """Apply :data:`LLAMA_TP_PLAN` to every decoder layer of a Hugging Face Llama over ``tp_mesh``."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    plan = {name: styles[style]() for name, style in LLAMA_TP_PLAN.items()}
+    for layer in model.model.layers:
+        parallelize_module(layer, tp_mesh, plan)
+    return model
 
 
 def replica_sync_options(parser: argparse.ArgumentParser) -> None:
@@ -136,6 +160,6 @@ def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.tensor import DTensor
 
     return {
-        key: (value.full_tensor() if isinstance(value, DTensor) else value).detach().clone()
+        key: (value.full_tensor() if isinstance(value, DTensor) else value).detach().cpu().clone()
         for key, value in module.state_dict().items()
     }

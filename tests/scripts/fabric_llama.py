@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from common import (
     BATCH_SIZE,
+    apply_tensor_parallel,
     full_state_dict,
     hf_style_samples,
     model_seed,
@@ -17,6 +18,7 @@ from common import (
 )
 from torch.utils.data import DataLoader
 
+from lightning_cp import chunked_logits
 from lightning_cp.fabric import ContextParallelStrategy
 
 
@@ -36,14 +38,26 @@ def main() -> None:
     parser.add_argument("--layout", choices=("replicate", "fsdp"), default="replicate")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--lr", type=float, default=1.0)
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size; the world is 2 × tp processes")
+    parser.add_argument("--chunked-loss", type=int, default=0, help="tokens per loss chunk (0: off)")
+    parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--custom-loss", action="store_true", help="loss from logits via the strategy's helper")
     replica_sync_options(parser)
     args = parser.parse_args()
 
+    def parallelize(model: torch.nn.Module, device_mesh) -> torch.nn.Module:
+        if args.tp > 1:
+            apply_tensor_parallel(model, device_mesh["tensor_parallel"])
+        return shard_over_data_and_context(model, device_mesh) if args.layout == "fsdp" else model
+
     strategy = ContextParallelStrategy(
-        parallelize_fn=shard_over_data_and_context if args.layout == "fsdp" else None, cp_size=2
+        parallelize_fn=parallelize,
+        cp_size=2,
+        tensor_parallel_size=args.tp,
+        chunked_loss=args.chunked_loss or False,
+        activation_checkpointing=args.activation_checkpointing,
     )
-    fabric = L.Fabric(accelerator="cpu", devices=2, strategy=strategy)
+    fabric = L.Fabric(accelerator="cpu", devices=2 * args.tp, strategy=strategy)
     fabric.launch()
     # parameters become DTensors under FSDP2: the optimizer comes after
     model = fabric.setup(tiny_causal_lm("llama", seed=model_seed(args)))
@@ -52,7 +66,11 @@ def main() -> None:
     losses = []
     for batch in loader:
         with strategy.context_parallel(batch):
-            if args.custom_loss:
+            if args.custom_loss and args.chunked_loss:  # a loss of one's own, from hidden states in chunks
+                hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+                logits = chunked_logits(hidden.last_hidden_state, model.lm_head, args.chunked_loss)
+                loss = strategy.token_correct_loss(logits, batch["labels"])
+            elif args.custom_loss:
                 logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
                 loss = strategy.token_correct_loss(logits, batch["labels"])
             else:

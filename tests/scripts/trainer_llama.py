@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from common import (
     BATCH_SIZE,
+    apply_tensor_parallel,
     full_state_dict,
     hf_style_samples,
     model_seed,
@@ -38,10 +39,14 @@ class LlamaModule(L.LightningModule):
         self.predictions: list[torch.Tensor] = []
 
     def configure_model(self) -> None:
-        if self.args.layout == "fsdp":
+        if self.args.tp > 1:
+            apply_tensor_parallel(self.model, self.device_mesh["tensor_parallel"])
+        if self.args.layout in ("fsdp", "hsdp"):
             from torch.distributed.fsdp import fully_shard
 
             mesh = self.device_mesh["data_context_parallel"]
+            if self.args.layout == "hsdp":  # replicas of the model, each sharded over data shard × context
+                mesh = self.trainer.strategy.hsdp_mesh["data_parallel_replicate", "data_shard_context_parallel"]
             for layer in self.model.model.layers:
                 fully_shard(layer, mesh=mesh)
             fully_shard(self.model, mesh=mesh)
@@ -89,7 +94,12 @@ class LlamaModule(L.LightningModule):
         return DataLoader(samples, batch_size=BATCH_SIZE)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.args.steps * self.args.accumulate * BATCH_SIZE * self.args.dp)
+        count = self.args.steps * self.args.accumulate * BATCH_SIZE * self.args.dp
+        if self.args.stateful_loader:  # resumable mid-epoch; Lightning's sampler shuffles it anew every epoch
+            from torchdata.stateful_dataloader import StatefulDataLoader
+
+            return StatefulDataLoader(hf_style_samples(count, self.args.seq_len), batch_size=BATCH_SIZE)
+        return self._loader(count)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(2 * BATCH_SIZE)
@@ -117,16 +127,26 @@ def _checkpointing(args: argparse.Namespace) -> list:
         return []
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    if args.save_every_n_steps:
+        return [
+            ModelCheckpoint(
+                dirpath=args.save_dir, filename="{step}", every_n_train_steps=args.save_every_n_steps, save_top_k=-1
+            )
+        ]
     return [ModelCheckpoint(dirpath=args.save_dir, filename="{epoch}", every_n_epochs=1, save_top_k=-1)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--devices", type=int, default=2, help="processes per node")
+    parser.add_argument("--accelerator", default="cpu", help="cpu, or gpu (one GPU per process, NCCL)")
+    parser.add_argument("--num-nodes", type=int, default=1, help="nodes (each launched with its NODE_RANK)")
     parser.add_argument("--cp", type=int, default=2)
     parser.add_argument("--dp", type=int, default=1)
-    parser.add_argument("--layout", choices=("replicate", "fsdp"), default="replicate")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (Llama TP plan on every layer)")
+    parser.add_argument("--layout", choices=("replicate", "fsdp", "hsdp"), default="replicate")
+    parser.add_argument("--replicate", type=int, default=1, help="HSDP: data_parallel_replicate_size")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--accumulate", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1.0)
@@ -141,6 +161,8 @@ def main() -> None:
     parser.add_argument("--no-attention", action="store_true")
     parser.add_argument("--epochs", type=int, default=0, help="train this many epochs of --steps steps each")
     parser.add_argument("--save-dir", help="save a checkpoint at the end of every epoch into this directory")
+    parser.add_argument("--save-every-n-steps", type=int, default=0, help="with --save-dir: save every n steps instead")
+    parser.add_argument("--stateful-loader", action="store_true", help="a shuffled torchdata StatefulDataLoader")
     parser.add_argument("--consolidated", action="store_true", help="single-file checkpoints")
     parser.add_argument("--resume", help="checkpoint to resume from")
     parser.add_argument("--fail-rank", type=int, default=-1, help="this rank raises in its second training step")
@@ -149,6 +171,9 @@ def main() -> None:
     parser.add_argument("--stop-rank", type=int, default=-1, help="this rank SIGSTOPs itself in its second step")
     parser.add_argument("--heartbeat-timeout", type=float, default=120, help="seconds; 0: no hang detection")
     parser.add_argument("--deterministic", action="store_true")
+    parser.add_argument("--chunked-loss", type=int, default=0, help="tokens per loss chunk (0: off)")
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--offload-activations", action="store_true")
     parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
     parser.add_argument("--timeout", type=float, default=600, help="collective timeout in seconds")
     replica_sync_options(parser)
@@ -158,12 +183,18 @@ def main() -> None:
     if args.no_attention:  # a model whose attention the hooks cannot find
         module.model.model.layers = torch.nn.ModuleList()
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=args.accelerator,
         devices=args.devices,
+        num_nodes=args.num_nodes,
         precision=args.precision,
         strategy=ContextParallelStrategy(
             cp_size=args.cp,
             data_parallel_size=args.dp,
+            tensor_parallel_size=args.tp,
+            data_parallel_replicate_size=args.replicate,
+            chunked_loss=args.chunked_loss or False,
+            activation_checkpointing=args.activation_checkpointing,
+            offload_activations=args.offload_activations,
             save_distributed_checkpoint=not args.consolidated,
             timeout=timedelta(seconds=args.timeout),
             heartbeat_timeout=timedelta(seconds=args.heartbeat_timeout) if args.heartbeat_timeout else None,
@@ -189,9 +220,11 @@ def main() -> None:
         result["predictions"] = trainer.predict(module)
     else:
         trainer.fit(module, ckpt_path=args.resume)
-        result["losses"] = torch.stack(module.train_losses)
+        result["losses"] = torch.stack(module.train_losses).cpu()
         result["logged_train_loss"] = trainer.callback_metrics["train_loss"].clone()
         result["tokens_per_sec_logged"] = "tokens_per_sec" in trainer.callback_metrics
+    first = next(module.model.parameters())
+    result["hsdp_placements"] = str(getattr(first, "placements", None))
     result["weights"] = full_state_dict(module.model)
     result["deterministic_algorithms"] = torch.are_deterministic_algorithms_enabled()
     if trainer.global_rank == 0:
