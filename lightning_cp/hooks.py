@@ -172,11 +172,15 @@ def attach_cp_sdpa_hooks(model: nn.Module, cp_mesh: DeviceMesh) -> None:
     """
     saved: list[Any] = []
 
+    # Wrapped once: `torch.compiler.disable(fn)` costs milliseconds, too much for every attention call.
+    @torch.compiler.disable
+    def eager_sdpa(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return saved[-1](*args, **kwargs)
+
     @torch.compiler.disable
     def install(module: nn.Module, args: tuple[Any, ...]) -> None:
-        installed = F.scaled_dot_product_attention
-        saved.append(installed)
-        F.scaled_dot_product_attention = torch.compiler.disable(installed)
+        saved.append(F.scaled_dot_product_attention)
+        F.scaled_dot_product_attention = eager_sdpa
 
     @torch.compiler.disable
     def restore(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
