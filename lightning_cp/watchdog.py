@@ -115,6 +115,7 @@ class RankWatchdog:
                 self._store.set(_KEY.format(rank=self.rank), _FINISHED)
         except DistStoreError:
             pass  # the store's host has gone already: nobody is left to watch us
+        self._store = None  # close our connection now, not during interpreter teardown
         os.close(self._signal_read)
         os.close(self._signal_write)
 

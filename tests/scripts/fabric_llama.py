@@ -9,6 +9,7 @@ import torch
 from common import (
     BATCH_SIZE,
     apply_tensor_parallel,
+    exit_skipping_teardown,
     full_state_dict,
     hf_style_samples,
     model_seed,
@@ -87,3 +88,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_skipping_teardown()

@@ -12,7 +12,7 @@ import warnings
 import lightning as L
 import torch
 import torch.nn.functional as F
-from common import BATCH_SIZE, hf_style_samples, tiny_causal_lm
+from common import BATCH_SIZE, exit_skipping_teardown, hf_style_samples, tiny_causal_lm
 from torch.utils.data import DataLoader
 
 from lightning_cp.fabric import ContextParallelStrategy
@@ -56,3 +56,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_skipping_teardown()

@@ -12,6 +12,7 @@ import torch
 from common import (
     BATCH_SIZE,
     apply_tensor_parallel,
+    exit_skipping_teardown,
     full_state_dict,
     hf_style_samples,
     model_seed,
@@ -234,3 +235,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_skipping_teardown()

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import lightning as L
 import torch
 import torch.nn.functional as F
-from common import BATCH_SIZE, hf_style_samples, tiny_causal_lm
+from common import BATCH_SIZE, exit_skipping_teardown, hf_style_samples, tiny_causal_lm
 from torch.utils.data import DataLoader
 
 import lightning_cp
@@ -115,3 +115,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_skipping_teardown()
