@@ -83,6 +83,7 @@ class _ChunkedCrossEntropySum(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         grad_bias = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
+        weight_fp32 = weight.float()  # once, not per chunk (a copy of the whole head for bf16 weights)
         for start in range(0, hidden.size(0), ctx.chunk_tokens):
             chunk = hidden[start : start + ctx.chunk_tokens]
             targets_chunk = targets[start : start + ctx.chunk_tokens]
@@ -91,7 +92,7 @@ class _ChunkedCrossEntropySum(torch.autograd.Function):
             rows = valid.nonzero().squeeze(-1)
             grad_logits[rows, targets_chunk[rows]] -= 1.0
             grad_logits *= valid.unsqueeze(-1) * grad_total
-            grad_hidden[start : start + ctx.chunk_tokens] = (grad_logits @ weight.float()).to(hidden.dtype)
+            grad_hidden[start : start + ctx.chunk_tokens] = (grad_logits @ weight_fp32).to(hidden.dtype)
             grad_weight += grad_logits.transpose(0, 1) @ chunk.float()
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
