@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from lightning_cp.chunked_loss import DEFAULT_CHUNK_TOKENS
+from lightning_cp.cp_mode import CP_MODES
 from lightning_cp.doctor import check, default_loss, factory_from_spec
 from lightning_cp.planner import plan, render
 
@@ -73,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     doctor.add_argument("--cp", type=int, default=2, help="context-parallel ranks (default: 2)")
     doctor.add_argument("--labels", choices=("hf", "aligned"), default="hf", help="label convention (default: hf)")
     doctor.add_argument("--no-load-balance", action="store_true", help="shard contiguously instead of head/tail")
+    doctor.add_argument(
+        "--cp-mode", choices=CP_MODES, default="auto", help="CP mechanism (default: auto, decided per model)"
+    )
+    doctor.add_argument("--ulysses-size", type=int, help="Ulysses group size for --cp-mode hybrid")
     _add_plan_command(commands)
     args = parser.parse_args(argv)
     if args.command == "plan":
@@ -89,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             labels=args.labels,
             loss_fn=loss_fn,
             load_balance=not args.no_load_balance,
+            cp_mode=args.cp_mode,
+            ulysses_size=args.ulysses_size,
         )
     except ValueError as error:  # the model or the options cannot be checked as given: say how to fix it
         doctor.error(str(error))

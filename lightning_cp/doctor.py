@@ -3,8 +3,8 @@
 The model runs once without CP and once with CP on ``cp_size`` local processes (gloo on CPU), on the
 same batch and weights, through the same path the strategies use. The report gives the loss
 difference, the worst relative gradient difference per parameter group, the attention modules the
-hooks saw and how many attention calls really ran through the ring, and a verdict with the likely
-causes when it is not exact.
+hooks saw, the CP mechanism chosen (and, for a refused model, the modes that would run it), how many
+attention calls really went through it, and a verdict with the likely causes when it is not exact.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_cp.attention import counting_ring_calls
+from lightning_cp.attention import ledger
+from lightning_cp.cp_mode import attention_traits, runnable_modes, validate_cp_mode
 from lightning_cp.hooks import find_attention_modules
 from lightning_cp.launch import run_on_local_ranks
 from lightning_cp.loss_check import closest_loss, wrong_losses
@@ -42,8 +43,13 @@ CAUSES: dict[str, str] = {
         " attn_implementation='sdpa', and attach_cp_sdpa_hooks for compiled layers."
     ),
     "masked_attention": (
-        "sliding-window or non-causal attention, which the CP hooks would replace by plain causal attention."
-        " Use sequences no longer than the window, or turn load balancing off for bidirectional attention."
+        "sliding-window or non-causal attention, which the ring would replace by plain causal attention."
+        " Use cp_mode='ulysses' (it applies windows exactly), sequences no longer than the window, or turn load"
+        " balancing off for bidirectional attention."
+    ),
+    "mechanism_refused": (
+        "the CP mode asked for cannot run this model's attention exactly (see the error); the report lists the"
+        " modes that can. Pass one of them as `cp_mode=` (strategies, make_cp_batch_and_ctx, doctor --cp-mode)."
     ),
     "missing_position_ids": "the model was called without the sharded `position_ids`; pass them.",
     "labels_shifted_after_sharding": (
@@ -97,7 +103,12 @@ class DoctorReport:
     grad_differences: dict[str, float] = field(default_factory=dict)
     attention_modules: list[str] = field(default_factory=list)
     attention_calls: int = 0
-    ring_calls: int = 0
+    #: Attention calls that went through the CP mechanism.
+    mechanism_calls: int = 0
+    #: Which mechanism ran and why (the line the strategies print).
+    mechanism: str = ""
+    #: For a model that was refused: the explicit ``cp_mode`` values that would run it.
+    runnable_modes: list[str] = field(default_factory=list)
     causes: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -113,9 +124,15 @@ class DoctorReport:
             lines += [f"    {name:<40} {value:.1e}" for name, value in self.grad_differences.items()]
         lines.append(f"  attention modules hooked: {len(self.attention_modules)}")
         lines += [f"    {name}" for name in self.attention_modules]
-        lines.append(f"  attention calls under CP: {self.attention_calls}, through the ring: {self.ring_calls}")
+        if self.mechanism:
+            lines.append(f"  {self.mechanism}")
+        lines.append(
+            f"  attention calls under CP: {self.attention_calls}, through the CP mechanism: {self.mechanism_calls}"
+        )
         if self.error:
             lines.append(f"  CP run stopped with: {self.error}")
+            runnable = ", ".join(f"cp_mode='{mode}'" for mode in self.runnable_modes) or "none"
+            lines.append(f"  modes that would run this model at cp={self.cp_size}: {runnable}")
         lines.append(f"verdict: {'EXACT within tolerance' if self.exact else 'NOT EXACT'}")
         label = "note" if self.exact else "likely cause"
         lines += [f"  {label} [{cause}]: {CAUSES[cause]}" for cause in self.causes]
@@ -213,6 +230,10 @@ def _error_cause(message: str) -> str | None:
         ("is not causal", "masked_attention"),
         ("without `position_ids`", "missing_position_ids"),
         ("Found no self-attention modules", "local_attention"),
+        ("cannot reach", "local_attention"),
+        ("without any attention call going through it", "local_attention"),
+        ("cannot run this model exactly", "mechanism_refused"),
+        ("Ulysses cannot give each rank whole heads", "mechanism_refused"),
         ("attn_implementation=", "local_attention"),
     ):
         if needle in message:
@@ -228,6 +249,8 @@ def _doctor_worker(
     loss_fn: LossFn,
     load_balance: bool,
     shift_labels: bool,
+    cp_mode: str = "auto",
+    ulysses_size: int | None = None,
 ) -> dict[str, Any]:
     from lightning_cp.session import ContextParallelSession
 
@@ -241,12 +264,16 @@ def _doctor_worker(
 
     mesh, data_context_mesh = build_device_mesh(resolve_layout(world_size, world_size, 1, 1), torch.device("cpu"))
     session = ContextParallelSession(
-        mesh, data_context_mesh, load_balance=load_balance, shift_labels=shift_labels, check_batch_every_n_steps=1
+        mesh,
+        data_context_mesh,
+        load_balance=load_balance,
+        shift_labels=shift_labels,
+        check_batch_every_n_steps=1,
+        cp_mode=cp_mode,
+        ulysses_size=ulysses_size,
     )
-    attention_modules = list(find_attention_modules(model))
-    calls = {"attention": 0, "ring": 0}
-    for module in find_attention_modules(model).values():
-        module.register_forward_pre_hook(lambda *_: calls.__setitem__("attention", calls["attention"] + 1))
+    modules = find_attention_modules(model)
+    attention_modules = list(modules)
 
     captured: dict[str, torch.Tensor] = {}
 
@@ -258,22 +285,25 @@ def _doctor_worker(
     model.register_forward_hook(capture_logits)
     result: dict[str, Any] = {"reference_loss": float(reference_loss.detach()), "attention_modules": attention_modules}
     _cp_session = session
-    try:
-        session.prepare_model(model)
-        local = dict(batch)
-        with counting_ring_calls() as ring_calls, session.step(local):
-            loss = loss_fn(model, local)
-            loss.backward()
-        calls["ring"] = ring_calls["ring"]
-        average_replicated_gradients(model, data_context_mesh)
-        result["loss"] = float(loss.detach())
-        result["grad_differences"] = _relative_grad_differences(model, reference_grads)
-        if "logits" in captured and isinstance(local.get("input_ids"), torch.Tensor):
-            result["fingerprints"] = wrong_losses(captured["logits"], local["labels"], local["input_ids"])
-    except ValueError as err:
-        result["error"] = str(err)
-    finally:
-        _cp_session = None
+    with ledger.counting() as calls:  # counts up to a failure too
+        try:
+            session.prepare_model(model)
+            result["mechanism"] = session.describe_attention()
+            local = dict(batch)
+            with session.step(local):
+                loss = loss_fn(model, local)
+                loss.backward()
+            average_replicated_gradients(model, data_context_mesh)
+            result["loss"] = float(loss.detach())
+            result["grad_differences"] = _relative_grad_differences(model, reference_grads)
+            if "logits" in captured and isinstance(local.get("input_ids"), torch.Tensor):
+                result["fingerprints"] = wrong_losses(captured["logits"], local["labels"], local["input_ids"])
+        except ValueError as err:
+            result["error"] = str(err)
+            traits = [attention_traits(name, module) for name, module in modules.items()]
+            result["runnable_modes"] = runnable_modes(traits, world_size, batch["input_ids"].size(1))
+        finally:
+            _cp_session = None
     result["calls"] = calls
     return result
 
@@ -288,6 +318,8 @@ def check(
     loss_fn: LossFn = default_loss,
     labels: str = "hf",
     load_balance: bool = True,
+    cp_mode: str = "auto",
+    ulysses_size: int | None = None,
     rtol_loss: float = 1e-5,
     rtol_grad: float = 1e-4,
     timeout: float = 900,
@@ -306,12 +338,15 @@ def check(
             loss of your own returns :func:`token_correct_loss` of the logits and ``batch["labels"]``.
         labels: ``"hf"`` when the model shifts labels itself, ``"aligned"`` when they are already shifted.
         load_balance: head/tail sharding of the sequence.
+        cp_mode, ulysses_size: the CP mechanism, as the strategies take it (default ``"auto"``: the report
+            says which mechanism it chose and why).
 
     With the default loss or batch, the factory also runs once in this process: to check that the model
     takes ``labels``, and to read ``config.vocab_size``.
     """
     if labels not in ("hf", "aligned"):
         raise ValueError(f"`labels` must be 'hf' or 'aligned', got {labels!r}.")
+    validate_cp_mode(cp_mode, ulysses_size)
     if batch is None or loss_fn is default_loss:
         torch.manual_seed(0)
         model = model_factory()
@@ -328,6 +363,8 @@ def check(
         loss_fn,
         load_balance,
         labels == "hf",
+        cp_mode,
+        ulysses_size,
         world_size=cp_size,
         timeout=timeout,
     )
@@ -348,14 +385,16 @@ def _verdict(
         grad_differences=first.get("grad_differences", {}),
         attention_modules=first["attention_modules"],
         attention_calls=calls["attention"],
-        ring_calls=calls["ring"],
+        mechanism_calls=calls["through_cp"],
+        mechanism=first.get("mechanism", ""),
+        runnable_modes=first.get("runnable_modes", []),
         error=first.get("error"),
     )
     causes: list[str] = []
     if report.error is not None:
         cause = _error_cause(report.error)
         causes += [cause] if cause else []
-    if report.error is None and (calls["ring"] < calls["attention"] or calls["ring"] == 0):
+    if report.error is None and (calls["through_cp"] < calls["attention"] or calls["through_cp"] == 0):
         causes.append("local_attention")
     if report.loss_cp is not None:
         loss_ok = all(

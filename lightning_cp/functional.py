@@ -39,7 +39,13 @@ from lightning_cp.attention.switch import (
     switched_on,
     validate_rotate_method,
 )
-from lightning_cp.mesh import TENSOR_PARALLEL, cp_submesh, find_submesh, mesh_size
+from lightning_cp.cp_mode import validate_cp_mode
+from lightning_cp.mesh import (
+    TENSOR_PARALLEL,
+    cp_submesh,
+    find_submesh,
+    mesh_size,
+)
 from lightning_cp.sharding.batch import default_position_ids, pad_sequence_field, padded_length, shard_cp_batch
 from lightning_cp.sharding.packing import is_packed, plan_packed_batch, shard_packed_batch
 from lightning_cp.sharding.sequence import gather_sequence, ring_pad_multiple, shard_sequence
@@ -145,6 +151,8 @@ def make_cp_batch_and_ctx(
     load_balance: bool = True,
     rotate_method: str = "allgather",
     enable_loss_parallel: bool = False,
+    cp_mode: str = "auto",
+    ulysses_size: int | None = None,
 ) -> tuple[Callable[[], AbstractContextManager[None]], dict[str, Any]]:
     """Shard ``batch`` for this rank's CP shard and return ``(train_ctx, sharded_batch)``.
 
@@ -170,12 +178,18 @@ def make_cp_batch_and_ctx(
     A batch carrying a callable under ``"_cp_make_batch_fn"`` (NeMo's hook for a model that shards its
     own batch) is handed to it instead, as NeMo does: ``fn(cp_mesh, tp_mesh, batch_without_the_key,
     loss_mask=..., padding_token_id=...)`` (submeshes ``None`` where absent), its result returned as it is.
+
+    ``cp_mode`` picks the mechanism (:mod:`lightning_cp.cp_mode`): ``"auto"`` decides from the attention
+    modules hooked in this process (:func:`~lightning_cp.hooks.attach_context_parallel_hooks`), the ring
+    when none are; ``ulysses_size`` sets the Ulysses group of ``"hybrid"``. The batch layout is the same
+    for every mechanism.
     """
     cp_mesh = cp_submesh(device_mesh)
     make_batch_fn, batch = _split_make_batch_fn(batch)
     if make_batch_fn is not None:
         tp_mesh = find_submesh(device_mesh, TP_DIM_NAMES)
         return make_batch_fn(cp_mesh, tp_mesh, batch, loss_mask=loss_mask, padding_token_id=padding_token_id)
+    validate_cp_mode(cp_mode, ulysses_size)
     no_cp_ctx = _no_cp_context(enable_loss_parallel)
     if use_te:
         te_batch = make_cp_batch_for_te(
@@ -193,7 +207,7 @@ def make_cp_batch_and_ctx(
     cp_size, cp_rank = cp_mesh.size(), cp_mesh.get_local_rank()
     layout = None
     if is_packed(batch):
-        batch, layout = plan_packed_batch(batch, cp_size, load_balance, require_labels=True)
+        batch, layout = plan_packed_batch(batch, cp_size, load_balance, require_labels=True, whole_documents=True)
         sharded = shard_packed_batch(batch, layout, cp_rank, padding_token_id=padding_token_id)
         span = layout.longest_document
     else:

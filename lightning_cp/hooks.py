@@ -1,9 +1,11 @@
 """Model hooks that make attention modules correct under context parallelism.
 
-* :func:`attach_context_parallel_hooks`: while ring attention is switched on, every self-attention
-  module drops its explicit mask (built from the local shard, so meaningless) and runs causal.
-  Outside CP the hooks step aside, so the same model still works with masks for evaluation or
-  generation.
+* :func:`attach_context_parallel_hooks`: while CP attention is switched on, every self-attention
+  module drops its explicit mask (built from the local shard, so meaningless) and its attention goes
+  through the active mechanism: the ring or Ulysses (the attention functions of Hugging Face models are
+  routed through :mod:`lightning_cp.attention.interface`). A module that attends by another route is
+  stopped (:mod:`lightning_cp.attention.ledger`). Outside CP the hooks step aside, so the same model
+  still works with masks for evaluation or generation.
 * :func:`attach_cp_sdpa_hooks`: with ``torch.compile`` per layer, Dynamo could trace SDPA on plain
   local tensors and each rank would attend only to its own shard. The hook makes SDPA a graph break,
   so the ring's SDPA (which re-wraps the local Q/K/V as sequence-sharded DTensors) runs eagerly.
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import Any
 
 import torch
@@ -19,12 +22,24 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from lightning_cp.attention import ledger
+from lightning_cp.attention.interface import (
+    HOOKED_MARK,
+    route_attention_interface,
+    sliding_window_of,
+    uses_attention_interface,
+)
 from lightning_cp.attention.switch import active_context_parallel
+from lightning_cp.attention.ulysses import ULYSSES_ATTN_IMPLEMENTATIONS
 from lightning_cp.validation import ContextParallelInputError
 
-#: Hugging Face attention implementations whose attention goes through ``F.scaled_dot_product_attention``.
-_RING_ATTN_IMPLEMENTATIONS = ("sdpa",)
-_HOOKED_MARK = "_lightning_cp_hooked"
+#: Every attention module hooked in this process (for ``cp_mode="auto"`` of the functional API).
+_hooked_modules: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def hooked_attention_modules() -> dict[str, nn.Module]:
+    """The attention modules hooked in this process that are still alive, by the name given at hooking."""
+    return {getattr(module, "_lightning_cp_name", type(module).__name__): module for module in _hooked_modules}
 
 
 def find_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -46,40 +61,66 @@ def find_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
+def attention_like_modules(model: nn.Module, found: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Modules that look like self-attention (a class name ending in ``Attention``) but are not in ``found``.
+
+    Bloom's and MPT's attention, for instance: written by hand (ALiBi), without ``is_causal``, never
+    calling SDPA or transformers' attention interface. Modules inside or around a found one are left out.
+    """
+    others: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if not type(module).__name__.endswith("Attention") or "cross" in leaf or leaf == "encoder_attn":
+            continue
+        related = any(name == f or name.startswith(f + ".") or f.startswith(name + ".") for f in found)
+        if not related and not any(name.startswith(other + ".") for other in others):
+            others[name] = module
+    return others
+
+
+def _refuse_unreachable(model: nn.Module, found: dict[str, nn.Module]) -> None:
+    """Refuse a model whose attention CP cannot reach: it would attend only inside each rank's shard."""
+    unreachable = attention_like_modules(model, found)
+    if not unreachable:
+        return
+    listed = ", ".join(f"`{name}` ({type(module).__name__})" for name, module in list(unreachable.items())[:4])
+    more = f" and {len(unreachable) - 4} more" if len(unreachable) > 4 else ""
+    raise ContextParallelInputError(
+        f"{type(model).__name__} has attention modules that context parallelism cannot reach: {listed}{more}."
+        " They compute attention by hand (e.g. ALiBi attention in Bloom or MPT), not through"
+        " `F.scaled_dot_product_attention` or transformers' attention interface, so under CP each rank would"
+        " attend only inside its own shard: the loss would look right and the gradients would be wrong. No CP"
+        " mode (ring, Ulysses) can run them; train this model without context parallelism, or use a model whose"
+        " attention calls SDPA (e.g. an attn_implementation='sdpa' model)."
+    )
+
+
 def _check_attn_implementation(name: str, module: nn.Module) -> None:
     implementation = getattr(getattr(module, "config", None), "_attn_implementation", None)
-    if implementation is not None and implementation not in _RING_ATTN_IMPLEMENTATIONS:
+    runnable = ULYSSES_ATTN_IMPLEMENTATIONS if uses_attention_interface(module) else ("sdpa",)
+    if implementation is not None and implementation not in runnable:
         raise ContextParallelInputError(
-            f"Attention module `{name}` uses attn_implementation={implementation!r}, which does not go through"
-            " `F.scaled_dot_product_attention`, so it would attend only to its own shard under context"
-            " parallelism. Build the model with `attn_implementation='sdpa'`."
+            f"Attention module `{name}` uses attn_implementation={implementation!r}, which no context-parallel"
+            f" mechanism runs here (the ring runs 'sdpa'; Ulysses runs {ULYSSES_ATTN_IMPLEMENTATIONS} through"
+            " transformers' attention interface), so it would attend only to its own shard. Build the model"
+            " with `attn_implementation='sdpa'`."
         )
 
 
-def sliding_window_of(module: nn.Module) -> int | None:
-    """The sliding-window size an attention module applies, or ``None`` for full causal attention.
-
-    Reads the module's own ``sliding_window`` (Qwen2-style, per layer) or else its config's
-    (Mistral-style, every layer; per layer when the config lists ``layer_types``).
-    """
-    if hasattr(module, "sliding_window"):
-        return module.sliding_window
-    config = getattr(module, "config", None)
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    layer_idx = getattr(module, "layer_idx", None)
-    if window is not None and layer_types is not None and layer_idx is not None:
-        return window if layer_types[layer_idx] == "sliding_attention" else None
-    return window
-
-
-def _check_window(module: nn.Module, global_seq_len: int | None) -> None:
+def _check_window(module: nn.Module, global_seq_len: int | None, mechanism: str) -> None:
     window = sliding_window_of(module)
+    if mechanism == "ulysses" and uses_attention_interface(module):
+        return  # Ulysses masks the window of the whole sequence (Note [Ulysses])
     if window is not None and global_seq_len is not None and window < global_seq_len:
+        hint = (
+            " Use `cp_mode='ulysses'` (or 'auto'): it applies the window exactly."
+            if uses_attention_interface(module)
+            else " Use sequences no longer than the window, or a model without sliding-window attention."
+        )
         raise ContextParallelInputError(
             f"`{type(module).__name__}` uses a sliding window of {window} tokens, shorter than the sequence"
-            f" ({global_seq_len}). Context-parallel attention is plain causal and would attend beyond the window."
-            " Use sequences no longer than the window, or a model without sliding-window attention."
+            f" ({global_seq_len}). Under cp_mode={mechanism!r} attention is plain causal and would attend beyond"
+            f" the window.{hint}"
         )
 
 
@@ -94,9 +135,9 @@ def _causal_pre_hook(
     active = active_context_parallel()
     if active is None:
         return None
-    _check_window(module, active.global_seq_len)
+    _check_window(module, active.global_seq_len, active.mechanism)
     causal = bool(getattr(module, "is_causal", True))
-    if not causal and active.load_balance and active.documents is None:
+    if not causal and active.mechanism != "ulysses" and active.load_balance and active.documents is None:
         raise ContextParallelInputError(
             f"`{type(module).__name__}` is not causal (is_causal=False); context parallelism with load balancing"
             " only supports causal attention. Turn load balancing off for bidirectional attention."
@@ -107,7 +148,24 @@ def _causal_pre_hook(
     if "attention_mask" in kwargs or index is None or index >= len(args):
         kwargs["attention_mask"] = None
     kwargs["is_causal"] = causal
+    ledger.entering(module)
     return args, kwargs
+
+
+@torch.compiler.disable
+def _check_went_through_cp(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+    active = active_context_parallel()
+    if active is None or ledger.leaving(module):
+        return
+    name = getattr(module, "_lightning_cp_name", type(module).__name__)
+    raise ContextParallelInputError(
+        f"Attention module `{name}` ({type(module).__name__}) finished its forward under context parallelism"
+        f" (cp_mode={active.mechanism!r}) without any attention call going through it, so it attended only"
+        " inside its own shard. It computes attention by another route: an SDPA imported by name"
+        " (`from torch.nn.functional import scaled_dot_product_attention`), a hand-written softmax, or a kernel"
+        " called directly. Call `torch.nn.functional.scaled_dot_product_attention` through the module attribute"
+        " (or transformers' attention interface), or train this model without context parallelism."
+    )
 
 
 def _require_position_ids(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -136,13 +194,16 @@ def _outermost_position_aware_models(model: nn.Module) -> list[nn.Module]:
 
 
 def attach_context_parallel_hooks(model: nn.Module) -> list[str]:
-    """Make every self-attention module of ``model`` run causal without a mask while CP is on.
+    """Make every self-attention module of ``model`` attend through the CP mechanism that is on.
 
+    While CP is on, each module drops its mask (the mechanism rebuilds what the whole sequence needs),
+    and a module whose forward ends without attention going through the mechanism raises. Mode-agnostic:
+    what a mechanism cannot run (eager attention under the ring, say) is refused when it runs. A model
+    with attention modules CP cannot reach at all (hand-written attention, as Bloom's) is refused here.
     Also makes the outermost modules that take ``position_ids`` refuse to run under CP without them:
     positions made by the model would restart at 0 in every shard. Returns the names of the attention
     modules hooked (attaching twice is harmless: a module is hooked once). Raises a
-    ``ContextParallelInputError`` (a ``ValueError``) for a Hugging Face model whose attention
-    implementation bypasses SDPA.
+    ``ContextParallelInputError`` (a ``ValueError``) for a model whose attention no mechanism can run.
     """
     for module in _outermost_position_aware_models(model):
         if not hasattr(module, "_lightning_cp_position_index"):
@@ -150,13 +211,18 @@ def attach_context_parallel_hooks(model: nn.Module) -> list[str]:
             module._lightning_cp_position_index = parameters.index("position_ids")
             module.register_forward_pre_hook(_require_position_ids, with_kwargs=True)
     modules = find_attention_modules(model)
+    _refuse_unreachable(model, modules)
     for name, module in modules.items():
         _check_attn_implementation(name, module)
-        if getattr(module, _HOOKED_MARK, False):
+        if getattr(module, HOOKED_MARK, False):
             continue
         module._lightning_cp_mask_index = _mask_arg_index(module)
+        module._lightning_cp_name = name
+        route_attention_interface(module)
         module.register_forward_pre_hook(_causal_pre_hook, with_kwargs=True)
-        setattr(module, _HOOKED_MARK, True)
+        module.register_forward_hook(_check_went_through_cp, with_kwargs=True)
+        setattr(module, HOOKED_MARK, True)
+        _hooked_modules.add(module)
     return list(modules)
 
 

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from lightning_cp.attention import flatten_mesh
+from lightning_cp.attention.ulysses import UlyssesGroup
 
 DATA_PARALLEL = "data_parallel"
 CONTEXT_PARALLEL = "context_parallel"
@@ -154,3 +156,40 @@ def cp_submesh(device_mesh: DeviceMesh | None) -> DeviceMesh | None:
 def mesh_size(mesh: DeviceMesh | None) -> int:
     """Number of ranks in ``mesh``; 1 for ``None`` (no parallelism along that dimension)."""
     return 1 if mesh is None else mesh.size()
+
+
+@dataclass(frozen=True)
+class ContextParallelGroups:
+    """How one CP group is split for the hybrid (Note [hybrid layout] in :mod:`lightning_cp.sharding.sequence`).
+
+    CP rank ``c`` sits in Ulysses group ``c // ulysses_size`` (consecutive CP ranks) at place
+    ``c % ulysses_size``; the ring runs across the Ulysses groups, over the CP ranks with the same place.
+    """
+
+    #: The ranks that trade heads (all CP ranks for plain Ulysses).
+    ulysses: UlyssesGroup
+    #: The ring across Ulysses groups (``None`` for plain Ulysses).
+    ring_mesh: DeviceMesh | None
+    #: CP ranks (0 … cp-1) of this rank's Ulysses group, in order.
+    ulysses_cp_ranks: tuple[int, ...]
+
+
+def split_context_parallel(cp_mesh: DeviceMesh, ulysses_size: int) -> ContextParallelGroups:
+    """Split ``cp_mesh`` into Ulysses groups of ``ulysses_size`` consecutive ranks and the ring across them.
+
+    Every rank of the CP group must call it (it creates process groups; only the members of each
+    group synchronise, so CP groups of different data-parallel ranks need not call it together).
+    """
+    cp_size = cp_mesh.size()
+    if ulysses_size < 1 or cp_size % ulysses_size:
+        raise ValueError(f"ulysses_size={ulysses_size} must divide the context-parallel size ({cp_size}).")
+    ranks = cp_mesh.mesh.flatten().tolist()
+    outer, inner = divmod(cp_mesh.get_local_rank(), ulysses_size)
+    members = tuple(range(outer * ulysses_size, (outer + 1) * ulysses_size))
+    if ulysses_size == cp_size:
+        return ContextParallelGroups(UlyssesGroup(cp_mesh.get_group(), cp_size, inner), None, members)
+    ulysses_group = dist.new_group([ranks[c] for c in members], use_local_synchronization=True)
+    ring_ranks = ranks[inner::ulysses_size]
+    ring_group = dist.new_group(ring_ranks, use_local_synchronization=True)
+    ring_mesh = DeviceMesh.from_group(ring_group, cp_mesh.device_type, mesh=ring_ranks, mesh_dim_names=("ring",))
+    return ContextParallelGroups(UlyssesGroup(ulysses_group, ulysses_size, inner), ring_mesh, members)

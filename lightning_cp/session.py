@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,23 +20,38 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from lightning_cp.attention.switch import ring_attention
+from lightning_cp.attention.switch import ring_attention, ulysses_attention
 from lightning_cp.attention.transformer_engine import (
     set_te_context_parallel_group,
     te_context_parallel_modules,
     uses_transformer_engine_attention,
 )
+from lightning_cp.attention.ulysses import UlyssesExchange
 from lightning_cp.chunked_loss import HiddenStatesForLoss
 from lightning_cp.consistency import check_same_batch
-from lightning_cp.hooks import attach_context_parallel_hooks, attach_cp_sdpa_hooks
+from lightning_cp.cp_mode import Mechanism, attention_traits, choose_mechanism, validate_cp_mode
+from lightning_cp.hooks import attach_context_parallel_hooks, attach_cp_sdpa_hooks, find_attention_modules
 from lightning_cp.loss import count_label_tokens, token_loss_sum
 from lightning_cp.loss_check import LossWatch
 from lightning_cp.memory import offload_activations as offloading_saved_tensors
-from lightning_cp.mesh import CONTEXT_PARALLEL, DATA_PARALLEL, TENSOR_PARALLEL
+from lightning_cp.mesh import (
+    CONTEXT_PARALLEL,
+    DATA_PARALLEL,
+    TENSOR_PARALLEL,
+    ContextParallelGroups,
+    split_context_parallel,
+)
 from lightning_cp.sharding.batch import IGNORE_INDEX, next_token_labels, primary_input_key, shard_cp_batch
 from lightning_cp.sharding.packing import PackedLayout, gather_packed, is_packed, plan_packed_batch, shard_packed_batch
 from lightning_cp.sharding.sequence import gather_sequence
 from lightning_cp.sharding.te_batch import make_cp_batch_for_te, one_document_per_row, padded_packed_batch
+from lightning_cp.sharding.ulysses import (
+    document_spans,
+    gathered_order,
+    held_packed_positions,
+    held_positions,
+    ring_layout,
+)
 from lightning_cp.validation import check_tensor_parallel_heads
 
 
@@ -73,6 +88,9 @@ class ContextParallelSession:
             ring stays off; ``None`` decides per model (TE attention modules present or not).
         offload_activations: on CUDA, keep tensors saved for backward in pinned host memory while the
             context is open (see :mod:`lightning_cp.memory`).
+        cp_mode: the CP mechanism, ``"auto"``, ``"ring"``, ``"ulysses"`` or ``"hybrid"``
+            (see :mod:`lightning_cp.cp_mode`); ``"auto"`` decides per model in :meth:`prepare_model`.
+        ulysses_size: the Ulysses group size of ``cp_mode="hybrid"``.
     """
 
     def __init__(
@@ -87,7 +105,10 @@ class ContextParallelSession:
         check_batch_every_n_steps: int = 1,
         transformer_engine: bool | None = None,
         offload_activations: bool = False,
+        cp_mode: str = "auto",
+        ulysses_size: int | None = None,
     ) -> None:
+        validate_cp_mode(cp_mode, ulysses_size)
         self.device_mesh = device_mesh
         self.cp_mesh = device_mesh[CONTEXT_PARALLEL]
         self.data_context_mesh = data_context_mesh
@@ -98,6 +119,11 @@ class ContextParallelSession:
         self.check_batch_every_n_steps = check_batch_every_n_steps
         self.transformer_engine = transformer_engine
         self.offload_activations = offload_activations
+        self.cp_mode = cp_mode
+        self.ulysses_size = ulysses_size
+        #: The mechanism chosen by :meth:`prepare_model` (the ring until a model is prepared).
+        self.mechanism = Mechanism("ring", 1, "no model prepared")
+        self._groups: ContextParallelGroups | None = None
         self.current: ShardedStep | None = None
         self._prepared: set[int] = set()
         self._context: ExitStack | None = None
@@ -117,6 +143,11 @@ class ContextParallelSession:
             self.transformer_engine = uses_transformer_engine_attention(module)
         check_tensor_parallel_heads(module, self.device_mesh[TENSOR_PARALLEL].size())
         if self.transformer_engine:
+            if self.cp_mode not in ("auto", "ring"):
+                raise ValueError(
+                    f"cp_mode={self.cp_mode!r} with Transformer Engine attention: TE runs its own ring under CP."
+                    " Use cp_mode='auto' or 'ring'."
+                )
             return self._prepare_te_model(module)
         names = attach_context_parallel_hooks(module)
         if not names:
@@ -127,10 +158,30 @@ class ContextParallelSession:
                 " Face models with `attn_implementation='sdpa'`."
             )
         if id(module) not in self._prepared:
+            self._choose_mechanism(module)
             # Both model fixes at setup: masks dropped under CP, and SDPA kept out of compiled graphs.
             attach_cp_sdpa_hooks(module, self.cp_mesh)
             self._wrap_hf_losses(module)
         return names
+
+    def _choose_mechanism(self, module: nn.Module) -> None:
+        """Pick the mechanism for ``module`` (:func:`~lightning_cp.cp_mode.choose_mechanism`) and make its groups.
+
+        Every rank decides from the same model, so all agree; the hybrid's process groups are created here,
+        by every rank of the CP group together.
+        """
+        tensor_parallel = self.device_mesh[TENSOR_PARALLEL].size()
+        traits = [attention_traits(name, m, tensor_parallel) for name, m in find_attention_modules(module).items()]
+        self.mechanism = choose_mechanism(traits, self.cp_mesh.size(), self.cp_mode, self.ulysses_size)
+        if self.mechanism.name != "ring":
+            self._groups = split_context_parallel(self.cp_mesh, self.mechanism.ulysses_size)
+
+    def describe_attention(self) -> str:
+        """One line for the logs: which mechanism runs attention and why (ring rotation included)."""
+        if self.transformer_engine:
+            return "attention by Transformer Engine's own ring (TE attention modules)"
+        line = self.mechanism.describe(self.cp_mesh.size())
+        return line if self.mechanism.name == "ulysses" else f"{line}; ring rotation {self.rotate_method}"
 
     def _prepare_te_model(self, module: nn.Module) -> list[str]:
         """Give every Transformer Engine attention module the CP group (TE runs the ring) and wrap HF losses, once."""
@@ -285,6 +336,7 @@ class ContextParallelSession:
             te or self.load_balance,
             require_labels=require_labels,
             shift_labels=self.shift_labels,
+            whole_documents=not te,
         )
         if te:
             padded = padded_packed_batch(source, layout, self.padding_token_id)
@@ -301,18 +353,24 @@ class ContextParallelSession:
         assert self.current is not None, "shard a batch before opening the CP context"
         stack = ExitStack()
         if not self.current.thd:  # Transformer Engine's attention runs its own ring
-            layout = self.current.layout
-            ring = ring_attention(
-                self.cp_mesh,
-                load_balance=self.load_balance,
-                rotate_method=self.rotate_method,
-                global_seq_len=self.current.padded_len if layout is None else layout.longest_document,
-                documents=layout,
-            )
-            stack.enter_context(ring)
+            stack.enter_context(self._attention_context(self.current))
         if self.offload_activations:
             stack.enter_context(offloading_saved_tensors(torch.device(self.cp_mesh.device_type)))
         self._context = stack
+
+    def _attention_context(self, step: ShardedStep) -> AbstractContextManager[None]:
+        """The context that runs this micro-batch's attention by the chosen mechanism."""
+        span = step.padded_len if step.layout is None else step.layout.longest_document
+        return attention_context(
+            self.mechanism.name,
+            self.cp_mesh,
+            self._groups,
+            padded_len=step.padded_len,
+            layout=step.layout,
+            load_balance=self.load_balance,
+            rotate_method=self.rotate_method,
+            global_seq_len=span,
+        )
 
     def close(self) -> None:
         """Switch ring attention off and forget the current micro-batch; safe to call twice."""
@@ -385,6 +443,51 @@ class ContextParallelSession:
             return gather_packed(tensor, step.layout, self.cp_mesh, seq_dim=1)
         full = gather_sequence(tensor, self.cp_mesh, 1, self.load_balance)
         return full.narrow(1, 0, step.seq_len)
+
+
+def attention_context(
+    mechanism: str,
+    cp_mesh: DeviceMesh,
+    groups: ContextParallelGroups | None,
+    *,
+    padded_len: int,
+    layout: PackedLayout | None,
+    load_balance: bool,
+    rotate_method: str,
+    global_seq_len: int | None,
+) -> AbstractContextManager[None]:
+    """The context that runs one micro-batch's attention by ``mechanism`` over ``cp_mesh``.
+
+    The batch was sharded for the whole CP group (head/tail or contiguous, packed or not); Ulysses and
+    the hybrid learn from the layout in which order their group's shards come (:mod:`lightning_cp.sharding.ulysses`).
+    ``groups`` comes from :func:`~lightning_cp.mesh.split_context_parallel` (not needed for the ring).
+    """
+    if mechanism == "ring":
+        return ring_attention(
+            cp_mesh,
+            load_balance=load_balance,
+            rotate_method=rotate_method,
+            global_seq_len=global_seq_len,
+            documents=layout,
+        )
+    assert groups is not None
+    if layout is None:
+        held = held_positions(padded_len, cp_mesh.size(), load_balance, groups.ulysses_cp_ranks)
+    else:
+        held = held_packed_positions(layout, groups.ulysses_cp_ranks)
+    if mechanism == "ulysses":
+        spans = None if layout is None else document_spans(layout)
+        exchange = UlyssesExchange(groups.ulysses, gathered_order(held), spans)
+        return ulysses_attention(exchange, global_seq_len=global_seq_len)
+    assert groups.ring_mesh is not None
+    return ring_attention(
+        groups.ring_mesh,
+        load_balance=load_balance,
+        rotate_method=rotate_method,
+        global_seq_len=global_seq_len,
+        documents=None if layout is None else ring_layout(layout, groups.ulysses.size),
+        ulysses=UlyssesExchange(groups.ulysses, gathered_order(held)),
+    )
 
 
 def _is_hf_model(module: nn.Module) -> bool:

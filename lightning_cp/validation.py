@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -36,23 +37,52 @@ class ContextParallelBatchError(ContextParallelInputError):
     """A batch that context parallelism cannot shard without changing the result."""
 
 
-def check_ring_supported(attn_mask: Any, dropout_p: float, is_causal: bool, load_balance: bool) -> None:
-    """Refuse what the ring cannot compute, on every rank alike and before any collective."""
+def ring_refusal(attn_mask: Any, dropout_p: float, is_causal: bool, load_balance: bool) -> str | None:
+    """Why the ring cannot compute this SDPA call, or ``None`` when it can."""
     if attn_mask is not None:
-        raise ContextParallelInputError(
+        return (
             "Context-parallel attention cannot apply an explicit `attn_mask`: each rank holds only a shard of"
             " the sequence. Use causal attention (`is_causal=True`); `attach_context_parallel_hooks(model)`"
             " makes Hugging Face attention modules drop their masks and run causal."
         )
     if dropout_p:
-        raise ContextParallelInputError(
-            "Context-parallel attention does not support attention dropout; set `dropout_p=0`."
-        )
+        return "Context-parallel attention does not support attention dropout; set `dropout_p=0`."
     if not is_causal and load_balance:
-        raise ContextParallelInputError(
+        return (
             "Context parallelism with load balancing needs causal attention (`is_causal=True`): the head/tail"
             " layout only balances a causal mask. Turn load balancing off for non-causal attention."
         )
+    return None
+
+
+def check_ring_supported(attn_mask: Any, dropout_p: float, is_causal: bool, load_balance: bool) -> None:
+    """Refuse what the ring cannot compute (see :func:`ring_refusal`), before any collective."""
+    reason = ring_refusal(attn_mask, dropout_p, is_causal, load_balance)
+    if reason is not None:
+        raise ContextParallelInputError(reason)
+
+
+def refuse_together(reason: str | None, group: dist.ProcessGroup) -> None:
+    """Raise on every rank of ``group`` when any of them has a ``reason`` to refuse; else return.
+
+    For checks whose outcome depends on a rank's own shard (a model that builds a mask only where the
+    shard's positions jump): refusing on some ranks only would leave the others waiting in the next
+    collective until the timeout. One all-gather of a flag per rank decides for all.
+    """
+    flags = torch.zeros(dist.get_world_size(group), dtype=torch.int32, device=_group_device(group))
+    flags[dist.get_rank(group)] = reason is not None
+    dist.all_reduce(flags, group=group)
+    refusing = flags.nonzero().flatten().tolist()
+    if not refusing:
+        return
+    if reason is None:
+        reason = f"context-parallel rank(s) {refusing} of this group refused the call (their error says why)."
+    raise ContextParallelInputError(f"{reason} [refused on context-parallel rank(s) {refusing}; all ranks stop]")
+
+
+def _group_device(group: dist.ProcessGroup) -> torch.device:
+    backend = dist.get_backend(group)
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 
 def check_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:

@@ -163,7 +163,9 @@ def test_cp_of_size_one_or_no_cp_dimension_leaves_the_batch_alone():
         assert result == {"cp_size_1": True, "no_cp_dim": True}
 
 
-def test_attention_that_bypasses_sdpa_is_refused_at_attach_time():
-    model = tiny_causal_lm("llama", attn_implementation="eager")
-    with pytest.raises(ValueError, match="attn_implementation='eager'"):
+def test_attention_no_mechanism_runs_is_refused_at_attach_time():
+    model = tiny_causal_lm("llama", attn_implementation="flex_attention")
+    with pytest.raises(ValueError, match="attn_implementation='flex_attention'"):
         attach_context_parallel_hooks(model)
+    # eager attention is attached (Ulysses runs it); the ring refuses it when it runs (tests/test_ulysses.py)
+    assert attach_context_parallel_hooks(tiny_causal_lm("llama", attn_implementation="eager"))

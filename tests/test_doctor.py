@@ -40,21 +40,32 @@ def test_healthy_models_are_exact(family):
     report = check(functools.partial(tiny_causal_lm, family), lm_batch(seq_len=128))
     assert report.exact, report.render()
     assert report.causes == []
-    assert report.ring_calls == report.attention_calls == 2
+    assert report.mechanism_calls == report.attention_calls == 2
+    assert "attention by Ulysses over 2 ranks: auto" in report.render()
     assert len(report.attention_modules) == 2
 
 
 def test_attention_that_bypasses_the_ring_is_named():
-    report = check(llama_with_sdpa_imported_by_name, lm_batch(seq_len=128))
+    # Ulysses runs this attention function on whole sequences whatever SDPA it calls; the ring cannot
+    report = check(llama_with_sdpa_imported_by_name, lm_batch(seq_len=128), cp_mode="ring")
     assert not report.exact
     assert "local_attention" in report.causes
-    assert report.ring_calls == 0 and report.attention_calls == 2
+    assert report.mechanism_calls == 0 and report.attention_calls >= 1
+    assert "without any attention call going through it" in report.error
 
 
-def test_sliding_window_shorter_than_the_sequence_is_named():
-    report = check(mistral_with_short_window, lm_batch(seq_len=128))
+def test_sliding_window_shorter_than_the_sequence_is_named_under_the_ring():
+    report = check(mistral_with_short_window, lm_batch(seq_len=128), cp_mode="ring")
     assert not report.exact
     assert report.causes == ["masked_attention"], report.render()
+    assert report.runnable_modes == ["ulysses"]
+    assert "modes that would run this model at cp=2: cp_mode='ulysses'" in report.render()
+
+
+def test_auto_runs_a_sliding_window_exactly_through_ulysses():
+    report = check(mistral_with_short_window, lm_batch(seq_len=128))
+    assert report.exact, report.render()
+    assert "attention by Ulysses" in report.mechanism
 
 
 def test_labels_shifted_after_sharding_are_named():
@@ -92,7 +103,8 @@ def test_command_line_reports_exact_on_a_config(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "verdict: EXACT within tolerance" in result.stdout
-    assert "attention calls under CP: 2, through the ring: 2" in result.stdout
+    assert "attention calls under CP: 2, through the CP mechanism: 2" in result.stdout
+    assert "attention by Ulysses over 2 ranks" in result.stdout
 
 
 def test_hf_labels_helper_matches_models_shift():
@@ -111,7 +123,7 @@ def _doctor_command_line(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_command_line_names_the_cause_for_a_factory_module():
-    result = _doctor_command_line("--module", "models:llama_with_sdpa_imported_by_name")
+    result = _doctor_command_line("--module", "models:llama_with_sdpa_imported_by_name", "--cp-mode", "ring")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "verdict: NOT EXACT" in result.stdout
     assert "likely cause [local_attention]" in result.stdout
@@ -131,7 +143,8 @@ def test_command_line_checks_a_model_that_is_not_from_hugging_face_with_its_own_
     result = _doctor_command_line(*model, "--seq-len", "64")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "verdict: EXACT within tolerance" in result.stdout
-    assert "attention calls under CP: 2, through the ring: 2" in result.stdout
+    assert "attention calls under CP: 2, through the CP mechanism: 2" in result.stdout
+    assert "attention by ring over 2 ranks: auto" in result.stdout  # its heads are not declared: the ring
     assert "layers.0.self_attn" in result.stdout
 
 

@@ -131,3 +131,91 @@ def flatten_mesh(mesh: DeviceMesh, name: str) -> DeviceMesh:
 def compiled_autograd() -> Any:
     """torch's context manager that turns compiled autograd on (the NeMo-compatible train context's option)."""
     return torch._dynamo.utils.maybe_enable_compiled_autograd(True)
+
+
+#: On CUDA, the efficient SDPA kernel returns its log-sum-exp padded to a multiple of this many queries.
+_EFFICIENT_LSE_BLOCK = 32
+
+
+def _repeat_kv_heads(query: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """Key/value heads repeated to the query heads (grouped-query attention, as ``enable_gqa`` means it)."""
+    groups = query.size(1) // tensor.size(1)
+    return tensor if groups == 1 else tensor.repeat_interleave(groups, dim=1)
+
+
+def _fold_kv_heads(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """The gradient of repeated key/value heads summed back onto the ``kv_heads`` heads they came from."""
+    batch, heads, seq, dim = grad.shape
+    return grad if heads == kv_heads else grad.view(batch, kv_heads, heads // kv_heads, seq, dim).sum(2)
+
+
+def _unsupported_device(device: torch.device) -> RuntimeError:
+    return RuntimeError(
+        f"The document-masked ring runs on CPU (torch's CPU flash kernel) and CUDA (the efficient kernel), not on"
+        f" {device.type!r}: both return the log-sum-exp its merge needs. Train packed batches on CPU or CUDA, or"
+        " pass unpacked rows."
+    )
+
+
+def attention_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, is_causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused SDPA of one ``[1, heads, len, dim]`` block: ``(out, logsumexp)``, the log-sum-exp fp32 ``[1, heads, q]``.
+
+    CPU: torch's CPU flash kernel (takes fewer key/value heads). CUDA: the efficient kernel with
+    ``compute_log_sumexp`` (key/value heads repeated; its log-sum-exp cut back from its padding to 32
+    queries). ``is_causal`` is top-left aligned, as in SDPA. Written from torch 2.13's op schemas; the
+    CUDA branch has not run on a GPU yet.
+    """
+    if query.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, is_causal, scale=scale
+        )
+    if query.device.type == "cuda":
+        out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+            query, _repeat_kv_heads(query, key), _repeat_kv_heads(query, value), None, True, 0.0, is_causal, scale=scale
+        )
+        return out, lse[..., : query.size(2)]
+    raise _unsupported_device(query.device)
+
+
+def attention_with_lse_backward(
+    grad_out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    is_causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dq, dk, dv)`` of :func:`attention_with_lse` for one block, from ``out`` and ``lse``.
+
+    ``out`` and ``lse`` may be those of a larger attention the block is part of (merged over several
+    blocks): the kernel then returns this block's share of that attention's gradients.
+    """
+    if query.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, query, key, value, out, lse, 0.0, is_causal, scale=scale
+        )
+    if query.device.type == "cuda":
+        padding = -query.size(2) % _EFFICIENT_LSE_BLOCK
+        lse = torch.nn.functional.pad(lse, (0, padding)).contiguous()
+        unused_rng = torch.empty((), dtype=torch.int64, device=query.device)  # read only with dropout
+        dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            grad_out,
+            query,
+            _repeat_kv_heads(query, key),
+            _repeat_kv_heads(query, value),
+            None,
+            out,
+            lse,
+            unused_rng,
+            unused_rng,
+            0.0,
+            [True, True, True, False],
+            is_causal,
+            scale=scale,
+        )
+        return dq, _fold_kv_heads(dk, key.size(1)), _fold_kv_heads(dv, value.size(1))
+    raise _unsupported_device(query.device)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,26 +18,37 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lightning_cp.attention import _torch
+from lightning_cp.attention import _torch, ledger
 from lightning_cp.attention.cpu_ring import SDPA_SEQ_DIM
 from lightning_cp.attention.document_ring import DocumentMaskedAttention
+from lightning_cp.attention.ledger import inside_hooked_module, record_mechanism_call
+from lightning_cp.attention.ulysses import UlyssesExchange, ulysses_sdpa
 from lightning_cp.sharding.packing import PackedLayout
-from lightning_cp.validation import check_qkv, check_ring_supported
+from lightning_cp.validation import ContextParallelInputError, check_qkv, refuse_together, ring_refusal
 
 ROTATE_METHODS: tuple[str, ...] = ("allgather", "alltoall")
 #: SDPA kernels that torch's ring can run (CPU's flash kernel counts as FLASH_ATTENTION).
 RING_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
 
 
+#: The CP mechanisms: torch's ring of key/value shards, Ulysses' all-to-all of heads, or Ulysses inside
+#: groups of ranks with the ring across the groups.
+MECHANISMS: tuple[str, ...] = ("ring", "ulysses", "hybrid")
+
+
 @dataclass(frozen=True)
 class ActiveContextParallel:
-    """What the model hooks need to know about the ring attention that is switched on."""
+    """What the model hooks need to know about the CP attention that is switched on."""
 
     load_balance: bool
     #: Longest span one query can attend (the padded sequence, or the longest packed document), when known.
     global_seq_len: int | None
-    #: The documents of a packed batch, when attention is document-masked.
+    #: The documents of a packed batch, when the ring's attention is document-masked.
     documents: PackedLayout | None = None
+    #: One of :data:`MECHANISMS`.
+    mechanism: str = "ring"
+    #: The Ulysses trade of this micro-batch (``"ulysses"`` and ``"hybrid"``).
+    ulysses: UlyssesExchange | None = None
 
 
 _active: ActiveContextParallel | None = None
@@ -100,7 +111,34 @@ def expand_kv_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor)
     return key.repeat_interleave(repeats, dim=-3), value.repeat_interleave(repeats, dim=-3)
 
 
-def _guarded(sdpa: Callable[..., torch.Tensor], load_balance: bool) -> Callable[..., torch.Tensor]:
+def _check_ring_call(
+    attn_mask: torch.Tensor | None, dropout_p: float, is_causal: bool, load_balance: bool, group: Any
+) -> None:
+    """Refuse what the ring cannot compute, on every rank of the group alike.
+
+    From a hooked attention module the verdict is the same on every rank (the hooks dropped the mask).
+    A call from anywhere else may carry a mask on one rank only (a model that builds one where its
+    shard's positions jump), so those ranks agree first (:func:`~lightning_cp.validation.refuse_together`).
+    """
+    reason = ring_refusal(attn_mask, dropout_p, is_causal, load_balance)
+    if inside_hooked_module():
+        if reason is not None:
+            raise ContextParallelInputError(reason)
+    else:
+        refuse_together(reason, group)
+
+
+def _broadcast_kv_heads(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, enable_gqa: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key/value with one head meant to broadcast over several query heads (multi-query attention that
+    relies on SDPA broadcasting, as Falcon's does), repeated to the query heads: the ring needs them equal."""
+    if key.size(-3) == 1 and query.size(-3) > 1 and not enable_gqa:
+        return expand_kv_heads(query, key, value)
+    return key, value
+
+
+def _guarded(sdpa: Callable[..., torch.Tensor], load_balance: bool, group: Any) -> Callable[..., torch.Tensor]:
     """``sdpa`` preceded by the ring's input checks, so a bad call fails clearly before any kernel runs."""
 
     @functools.wraps(sdpa)
@@ -114,9 +152,11 @@ def _guarded(sdpa: Callable[..., torch.Tensor], load_balance: bool) -> Callable[
         scale: float | None = None,
         enable_gqa: bool = False,
     ) -> torch.Tensor:
-        check_ring_supported(attn_mask, dropout_p, is_causal, load_balance)
+        _check_ring_call(attn_mask, dropout_p, is_causal, load_balance, group)
         query, key, value = _cast_as_autocast_would(query, key, value)
         check_qkv(query, key, value)
+        key, value = _broadcast_kv_heads(query, key, value, enable_gqa)
+        record_mechanism_call()
         if needs_expanded_kv(query.device.type, query.dtype, query.size(-3), key.size(-3), enable_gqa):
             key, value = expand_kv_heads(query, key, value)
             enable_gqa = False
@@ -139,9 +179,11 @@ def _document_sdpa(layout: PackedLayout, cp_mesh: DeviceMesh) -> Callable[..., t
         scale: float | None = None,
         enable_gqa: bool = False,
     ) -> torch.Tensor:
-        check_ring_supported(attn_mask, dropout_p, is_causal=True, load_balance=False)
+        _check_ring_call(attn_mask, dropout_p, True, False, cp_mesh.get_group())
         query, key, value = _cast_as_autocast_would(query, key, value)
         check_qkv(query, key, value)
+        key, value = _broadcast_kv_heads(query, key, value, enable_gqa)
+        record_mechanism_call()
         # The document ring chooses its own precisions (fp32 scores and merge); autocast must not recast them.
         with torch.autocast(query.device.type, enabled=False):
             return attention(query, key, value, is_causal=is_causal, scale=scale)
@@ -157,35 +199,64 @@ def _refuse_nesting() -> None:
         )
 
 
+def _mechanism_sdpa(
+    torch_sdpa: Callable[..., torch.Tensor], state: ActiveContextParallel, ring_mesh: DeviceMesh | None
+) -> Callable[..., torch.Tensor]:
+    """The SDPA that runs ``state``'s mechanism in place of ``torch_sdpa`` (torch's ring SDPA, for a ring)."""
+    if state.mechanism == "ulysses":
+        assert state.ulysses is not None
+        return ulysses_sdpa(torch_sdpa, state.ulysses)
+    assert ring_mesh is not None
+    if state.documents is None:
+        ring = _guarded(torch_sdpa, state.load_balance, ring_mesh.get_group())
+    else:
+        ring = _document_sdpa(state.documents, ring_mesh)
+    if state.mechanism == "hybrid":
+        assert state.ulysses is not None
+        return ulysses_sdpa(ring, state.ulysses)
+    return ring
+
+
 @contextmanager
 def switched_on(
-    dispatcher: AbstractContextManager[Any], state: ActiveContextParallel, cp_mesh: DeviceMesh
+    dispatcher: AbstractContextManager[Any], state: ActiveContextParallel, ring_mesh: DeviceMesh | None
 ) -> Iterator[None]:
     """Enter ``dispatcher`` (what routes SDPA to a ring) and make CP look the same to the model while open.
 
     Every public way of entering CP comes through here: :func:`ring_attention` with lightning_cp's
-    dispatcher, and the NeMo-style ``create_context_parallel_ctx`` with torch's own ``context_parallel``.
-    So whichever is open, the hooked attention modules see ``state`` (they drop masks and run causal),
-    SDPA checks its inputs first (or runs the document-masked ring for ``state.documents``), and only
-    the kernels the ring can run are allowed. Contexts do not nest: the inner one's exit would switch
-    the outer one's dispatcher off. Everything is put back on exit, also when the body raises.
+    dispatcher, :func:`ulysses_attention` with none, and the NeMo-style ``create_context_parallel_ctx``
+    with torch's own ``context_parallel``. So whichever is open, the hooked attention modules see
+    ``state`` (they drop masks; attention goes through ``state.mechanism``), SDPA checks its inputs first
+    (or runs the document-masked ring for ``state.documents``), and under a ring only the kernels the
+    ring can run are allowed. Contexts do not nest: the inner one's exit would switch the outer one's
+    dispatcher off. Everything is put back on exit, also when the body raises.
     """
     global _active
     _refuse_nesting()
+    ledger.reset()  # a forward that raised in an earlier context may have left a module behind
     with dispatcher:
-        torch_ring_sdpa = F.scaled_dot_product_attention
+        torch_sdpa = F.scaled_dot_product_attention
         try:
-            if state.documents is None:
-                F.scaled_dot_product_attention = _guarded(torch_ring_sdpa, state.load_balance)
-            else:
-                F.scaled_dot_product_attention = _document_sdpa(state.documents, cp_mesh)
+            F.scaled_dot_product_attention = _mechanism_sdpa(torch_sdpa, state, ring_mesh)
             _active = state
-            # Never the math kernel: it would compute plain attention on the local shards, not the ring.
-            with sdpa_kernel(RING_SDPA_BACKENDS):
+            # Never the math kernel under a ring: it would compute plain attention on the local shards.
+            with nullcontext() if state.mechanism == "ulysses" else sdpa_kernel(RING_SDPA_BACKENDS):
                 yield
         finally:
             _active = None
-            F.scaled_dot_product_attention = torch_ring_sdpa  # torch restores only its own wrapper
+            F.scaled_dot_product_attention = torch_sdpa  # torch restores only its own wrapper
+
+
+@contextmanager
+def ulysses_attention(exchange: UlyssesExchange, *, global_seq_len: int | None = None) -> Iterator[None]:
+    """Run attention by Ulysses while open (Note [Ulysses] in :mod:`lightning_cp.attention.ulysses`).
+
+    Inputs are this rank's sequence shards, in any layout ``exchange.order`` puts back in order;
+    ``exchange.spans`` lists each row's documents (packed rows), which attention never crosses.
+    """
+    state = ActiveContextParallel(False, global_seq_len, mechanism="ulysses", ulysses=exchange)
+    with switched_on(nullcontext(), state, None):
+        yield
 
 
 @contextmanager
@@ -196,17 +267,22 @@ def ring_attention(
     rotate_method: str = "allgather",
     global_seq_len: int | None = None,
     documents: PackedLayout | None = None,
+    ulysses: UlyssesExchange | None = None,
 ) -> Iterator[None]:
     """Route ``F.scaled_dot_product_attention`` through the ring over ``cp_mesh`` while open.
 
     Q/K/V given to SDPA are taken as this rank's sequence shards. ``load_balance`` must match how the
     inputs were sharded (head/tail chunks when ``True``, contiguous chunks when ``False``). With
     ``documents`` (a packed batch sharded by :func:`lightning_cp.sharding.packing.shard_packed_batch`), the
-    document-masked ring runs instead of torch's. Backward passes must run inside the context: the
-    ring's backward is dispatched through it as well.
+    document-masked ring runs instead of torch's. With ``ulysses`` (the hybrid), q/k/v are first traded
+    by Ulysses inside that group, and the ring runs over ``cp_mesh`` on what the group holds together
+    (Note [hybrid layout] in :mod:`lightning_cp.sharding.sequence`). Backward passes must run inside the
+    context: the ring's backward is dispatched through it as well.
     """
     _refuse_nesting()
     validate_rotate_method(rotate_method)
     dispatcher = _torch.ring_dispatcher(cp_mesh, SDPA_SEQ_DIM, load_balance, rotate_method)
-    with switched_on(dispatcher, ActiveContextParallel(load_balance, global_seq_len, documents), cp_mesh):
+    mechanism = "ring" if ulysses is None else "hybrid"
+    state = ActiveContextParallel(load_balance, global_seq_len, documents, mechanism=mechanism, ulysses=ulysses)
+    with switched_on(dispatcher, state, cp_mesh):
         yield

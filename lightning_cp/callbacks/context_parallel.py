@@ -69,8 +69,7 @@ class ContextParallelCallback(Callback):
             rank_zero_info(
                 f"lightning_cp: {trainer.strategy.layout.describe()}; sequence {step.seq_len} tokens"  # type: ignore[attr-defined]
                 f" (padded to {step.padded_len}) -> {step.padded_len // session.cp_mesh.size()} per rank"
-                f"{', load balanced' if session.load_balance else ''}, ring rotation {session.rotate_method}"
-                f"{packing}"
+                f"{', load balanced' if session.load_balance else ''}{packing}; {session.describe_attention()}"
             )
         session.open()
 

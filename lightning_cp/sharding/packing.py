@@ -7,15 +7,34 @@ starts wherever the position does not go up by one). For CP every row is laid ou
 * with load balancing each document is padded to a multiple of ``2 * cp`` and laid out head/tail on
   its own (Note [head/tail layout] in :mod:`lightning_cp.sharding.sequence`) — Transformer Engine's THD
   partitioning, so the causal work stays even document by document;
-* without it the row is padded to a multiple of ``cp`` and cut into ``cp`` contiguous pieces.
+* with load balancing and ``whole_documents`` (what lightning_cp's own document ring gets), short
+  documents stay whole on one rank and only the long ones are split head/tail (Note [whole-document
+  placement]);
+* without load balancing the row is padded to a multiple of ``cp`` and cut into ``cp`` contiguous pieces.
 
 Padding forms documents of its own, so no real token ever attends to it. :class:`PackedLayout`
 records where every rank's tokens sit and which document they belong to: all that the
-document-masked ring needs to build each block of the mask.
+document-masked ring needs to plan its blocks.
+
+Note [whole-document placement]
+-------------------------------
+A document that lives on one rank needs no keys from any other rank: no communication, and no
+blocks that pair ranks. So the planner keeps documents whole where the work still balances:
+
+1. documents are taken longest first and each goes, whole, to the rank with the fewest attended
+   (query, key) pairs so far among the ranks with room for it (room: an even share of the row's
+   tokens plus :data:`TOKEN_SLACK`, less the ranks' share of the split documents);
+2. a document with no room anywhere is split instead, as is the longest whole document of the
+   busiest rank when any rank's pairs (causal or bidirectional) exceed the mean by more than
+   :data:`WORK_TOLERANCE`; then step 1 starts again. Every split is head/tail over all ranks (padded
+   to ``2 * cp``), which gives each rank the same tokens and pairs of it, so this ends: at worst with
+   every document split, Transformer Engine's layout;
+3. every rank is filled up to the same number of tokens with padding, a document of its own per rank.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +44,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from lightning_cp.sharding.batch import (
     IGNORE_INDEX,
+    MIN_SHARD_TOKENS,
     SEQUENCE_KEYS,
     ContextParallelBatchError,
     pad_value_for,
@@ -39,6 +59,10 @@ from lightning_cp.sharding.thd import thd_partitioned_indices
 PACKING_KEYS: tuple[str, ...] = ("cu_seqlens", "cu_seqlens_padded", "seq_lens", "seq_lens_padded")
 #: Entries of ``seq_lens`` / ``cu_seqlens`` rows with this value are padding of the lengths tensor itself.
 SEQ_LENS_PADDING_VALUE = -1000
+#: Whole-document placement: the most attended pairs one rank may have, as a multiple of the mean.
+WORK_TOLERANCE = 1.05
+#: Whole-document placement: how far a rank's tokens may exceed an even share (filled with padding).
+TOKEN_SLACK = 1 / 32
 
 
 def is_packed(batch: dict[str, Any]) -> bool:
@@ -157,6 +181,8 @@ class PackedLayout:
     document: torch.Tensor
     #: ``[cp, batch, padded_len // cp]``: padded positions each rank holds, in the order it stores them.
     shard_index: torch.Tensor
+    #: Short documents kept whole on one rank (Note [whole-document placement]), not split head/tail.
+    whole_documents: bool = False
 
     @property
     def num_documents(self) -> int:
@@ -164,8 +190,12 @@ class PackedLayout:
         return sum(len(row) for row in self.lengths)
 
     def padded_lengths(self) -> list[list[int]]:
-        """Per row, the lengths of its documents with their padding (the row's trailing filler not included)."""
-        return _pad_documents(self.lengths, self.cp_size, self.load_balance)
+        """Per row, the lengths of its documents with their padding (the rows' trailing filler not included)."""
+        owners = torch.where(self.document < 0, -self.document - 1, self.document)
+        return [
+            torch.bincount(owner, minlength=len(row))[: len(row)].tolist()
+            for owner, row in zip(owners, self.lengths, strict=True)
+        ]
 
     @property
     def longest_document(self) -> int:
@@ -195,8 +225,17 @@ def _pad_documents(lengths: Sequence[Sequence[int]], cp_size: int, load_balance:
     return [[_ceil_to(length, multiple) for length in row] for row in lengths]
 
 
-def plan_packed_layout(lengths: Sequence[Sequence[int]], cp_size: int, load_balance: bool) -> PackedLayout:
-    """Lay the documents of every row out for ``cp_size`` ranks (see the module docstring)."""
+def plan_packed_layout(
+    lengths: Sequence[Sequence[int]], cp_size: int, load_balance: bool, *, whole_documents: bool = False
+) -> PackedLayout:
+    """Lay the documents of every row out for ``cp_size`` ranks (see the module docstring).
+
+    ``whole_documents`` (with ``load_balance``) keeps short documents whole on one rank, which saves the
+    document ring communication (Note [whole-document placement]); Transformer Engine's THD partitioning
+    needs it off, every document split head/tail.
+    """
+    if load_balance and whole_documents:
+        return _plan_whole_documents(lengths, cp_size)
     padded_lengths = _pad_documents(lengths, cp_size, load_balance)
     longest = max(sum(row) for row in padded_lengths)
     padded_len = padded_length(longest, cp_size, 2 * cp_size if load_balance else cp_size)
@@ -236,6 +275,111 @@ def _row_shards(spans: list[int], padded_len: int, cp_size: int, load_balance: b
         return torch.arange(padded_len).view(cp_size, -1)
     cu_seqlens = torch.tensor([0, *spans]).cumsum(0)
     return torch.stack([thd_partitioned_indices(cu_seqlens, cp_size, rank) for rank in range(cp_size)])
+
+
+def attended_pairs(length: int, is_causal: bool) -> int:
+    """(query, key) pairs that attention within one document of ``length`` tokens computes."""
+    return length * (length + 1) // 2 if is_causal else length * length
+
+
+def _split_share(lengths: Sequence[int], split: set[int], cp_size: int) -> tuple[int, dict[bool, float]]:
+    """Tokens and attended pairs (causal, bidirectional) every rank gets of the documents split head/tail."""
+    padded = [_ceil_to(lengths[doc], 2 * cp_size) for doc in split]
+    pairs = {causal: sum(attended_pairs(length, causal) for length in padded) / cp_size for causal in (True, False)}
+    return sum(padded) // cp_size, pairs
+
+
+def _try_whole_placement(lengths: Sequence[int], cp_size: int, split: set[int]) -> tuple[list[int | None], int | None]:
+    """Step 1 of Note [whole-document placement]: each document's rank (``None``: split), or a document to split."""
+    share_tokens, share_pairs = _split_share(lengths, split, cp_size)
+    whole = sorted((doc for doc in range(len(lengths)) if doc not in split), key=lambda doc: (-lengths[doc], doc))
+    even_share = (sum(lengths[doc] for doc in whole) + share_tokens * cp_size) / cp_size
+    room = math.ceil(even_share * (1 + TOKEN_SLACK)) - share_tokens
+    placement: list[int | None] = [None] * len(lengths)
+    tokens = [0] * cp_size
+    pairs = {causal: [share_pairs[causal]] * cp_size for causal in (True, False)}
+    for doc in whole:
+        ranks = [rank for rank in range(cp_size) if tokens[rank] + lengths[doc] <= room]
+        if not ranks:
+            return placement, doc
+        rank = min(ranks, key=lambda r: (pairs[True][r], r))
+        placement[doc] = rank
+        tokens[rank] += lengths[doc]
+        for causal in (True, False):
+            pairs[causal][rank] += attended_pairs(lengths[doc], causal)
+    for per_rank in pairs.values():
+        busiest = max(range(cp_size), key=per_rank.__getitem__)
+        if per_rank[busiest] > WORK_TOLERANCE * sum(per_rank) / cp_size:
+            return placement, next(doc for doc in whole if placement[doc] == busiest)
+    return placement, None
+
+
+def place_whole_documents(lengths: Sequence[int], cp_size: int) -> list[int | None]:
+    """The rank that keeps each document of a row whole, ``None`` for one split head/tail over all ranks.
+
+    Note [whole-document placement]: documents are kept whole while the ranks' tokens and attended
+    pairs (causal and bidirectional) stay even, and split otherwise.
+    """
+    split: set[int] = set()
+    while True:
+        placement, to_split = _try_whole_placement(lengths, cp_size, split)
+        if to_split is None:
+            return placement
+        split.add(to_split)
+
+
+def _rank_positions(lengths: Sequence[int], placement: list[int | None], cp_size: int) -> list[list[int]]:
+    """Padded-row positions each rank holds when the documents are laid out one after another."""
+    held: list[list[int]] = [[] for _ in range(cp_size)]
+    start = 0
+    for length, rank in zip(lengths, placement, strict=True):
+        if rank is not None:
+            held[rank] += range(start, start + length)
+            start += length
+            continue
+        padded = _ceil_to(length, 2 * cp_size)
+        chunk = padded // (2 * cp_size)
+        for r in range(cp_size):
+            held[r] += range(start + r * chunk, start + (r + 1) * chunk)
+            tail = 2 * cp_size - 1 - r
+            held[r] += range(start + tail * chunk, start + (tail + 1) * chunk)
+        start += padded
+    return held
+
+
+def _plan_whole_documents(lengths: Sequence[Sequence[int]], cp_size: int) -> PackedLayout:
+    """:func:`plan_packed_layout` with Note [whole-document placement]."""
+    placements = [place_whole_documents(row, cp_size) for row in lengths]
+    held = [_rank_positions(row, placement, cp_size) for row, placement in zip(lengths, placements, strict=True)]
+    local_len = max(MIN_SHARD_TOKENS, *(len(positions) for row in held for positions in row))
+    sources, documents, shards = [], [], []
+    for row, placement, row_held in zip(lengths, placements, held, strict=True):
+        source: list[int] = []
+        document: list[int] = []
+        start = 0
+        for number, (length, rank) in enumerate(zip(row, placement, strict=True)):
+            padding = 0 if rank is not None else _ceil_to(length, 2 * cp_size) - length
+            source += [*range(start, start + length), *[-1] * padding]
+            document += [number] * length + [-(number + 1)] * padding
+            start += length
+        for rank, positions in enumerate(row_held):
+            filler = local_len - len(positions)
+            positions += range(len(source), len(source) + filler)
+            source += [-1] * filler
+            document += [-(len(row) + 1 + rank)] * filler  # each rank's filler is a document of its own
+        sources.append(torch.tensor(source, dtype=torch.long))
+        documents.append(torch.tensor(document, dtype=torch.long))
+        shards.append(torch.tensor(row_held, dtype=torch.long))
+    return PackedLayout(
+        cp_size=cp_size,
+        load_balance=True,
+        lengths=tuple(tuple(row) for row in lengths),
+        padded_len=local_len * cp_size,
+        source=torch.stack(sources),
+        document=torch.stack(documents),
+        shard_index=torch.stack(shards, dim=1),
+        whole_documents=True,
+    )
 
 
 def _take(tensor: torch.Tensor, dim: int, index: torch.Tensor, pad_value: int | bool = 0) -> torch.Tensor:
@@ -296,18 +440,25 @@ def padded_rows(batch: dict[str, Any], layout: PackedLayout, padding_token_id: i
 
 
 def plan_packed_batch(
-    batch: dict[str, Any], cp_size: int, load_balance: bool, *, require_labels: bool, shift_labels: bool = False
+    batch: dict[str, Any],
+    cp_size: int,
+    load_balance: bool,
+    *,
+    require_labels: bool,
+    shift_labels: bool = False,
+    whole_documents: bool = False,
 ) -> tuple[dict[str, Any], PackedLayout]:
     """Check a packed ``batch`` and lay its documents out; with ``shift_labels``, shift its labels per document.
 
-    Returns the batch (a new dict when the labels were shifted) and its :class:`PackedLayout`.
+    Returns the batch (a new dict when the labels were shifted) and its :class:`PackedLayout`
+    (``whole_documents`` as in :func:`plan_packed_layout`).
     """
     validate_cp_batch(batch, require_labels=require_labels)
     lengths = document_lengths(batch)
     labels = batch.get("labels")
     if shift_labels and isinstance(labels, torch.Tensor) and "shift_labels" not in batch:
         batch = {**batch, "labels": next_token_labels_within_documents(labels, document_ids(lengths, labels.device))}
-    return batch, plan_packed_layout(lengths, cp_size, load_balance)
+    return batch, plan_packed_layout(lengths, cp_size, load_balance, whole_documents=whole_documents)
 
 
 def shard_packed_batch(

@@ -17,8 +17,21 @@ contiguous  c0, c1         1 + 2 = 3    c2, c3         3 + 4 = 7
 
 It is what torch's ring (``_HeadTailLoadBalancer``) expects, and the same as Transformer Engine's
 dual-chunk swap. Packed rows apply it to every document on its own (``sharding.packing``), which is
-Transformer Engine's THD partitioning (``sharding.thd``). The sequence must be a multiple of
-``2 * cp`` (``cp`` contiguous); lightning_cp pads it.
+Transformer Engine's THD partitioning (``sharding.thd``), or, for lightning_cp's document ring, only to
+the documents too long to stay whole on one rank (Note [whole-document placement]). The sequence
+must be a multiple of ``2 * cp`` (``cp`` contiguous); lightning_cp pads it.
+
+Note [hybrid layout]
+--------------------
+The hybrid runs Ulysses inside groups of ``u`` consecutive CP ranks and torch's ring across the
+``r = cp / u`` groups, on the same head/tail layout as the ring over all ``cp`` ranks. Group ``g`` holds
+chunks ``g·u … g·u + u - 1`` and their mirror images ``2·cp - (g+1)·u … 2·cp - 1 - g·u`` of the ``2·cp``
+chunks: together, chunk ``g`` and chunk ``2·r - 1 - g`` of a ``2·r``-chunk split, which is exactly rank
+``g``'s shard of the head/tail layout over ``r`` ranks. So after Ulysses' all-to-all inside the group
+and a sort of the positions it gathered (:mod:`lightning_cp.sharding.ulysses`), each rank holds the
+ring's shard for ``H/u`` heads, and torch's load-balanced ring runs across the groups unchanged. Packed
+rows work the same way document by document. Every mechanism shares one layout, so nothing else
+(gathering outputs, losses, checkpoints) depends on the mechanism.
 
 Sharding is out of place and differentiable, so tensors that require grad (``inputs_embeds`` from a
 vision tower, say) still pass gradients back to what produced them.

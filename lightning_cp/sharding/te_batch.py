@@ -183,9 +183,11 @@ def padded_packed_batch(batch: dict[str, Any], layout: PackedLayout, padding_tok
     The result has ``seq_lens`` / ``seq_lens_padded`` (trailing row filler joins the last document's
     padding), the input :func:`make_cp_batch_for_te` expects; packing keys of ``batch`` are replaced.
     """
-    if not layout.load_balance:
+    if not layout.load_balance or layout.whole_documents:
         raise ValueError(
-            "Transformer Engine's THD partitioning needs a load-balanced layout (documents padded to 2 * cp)."
+            "Transformer Engine's THD partitioning needs a load-balanced layout with every document split head/tail"
+            f" (load_balance=True, whole_documents=False); got load_balance={layout.load_balance},"
+            f" whole_documents={layout.whole_documents}. Plan it with `plan_packed_layout(lengths, cp, True)`."
         )
     out = {key: value for key, value in batch.items() if key not in PACKING_KEYS and key != "attention_mask"}
     out.update(padded_rows(out, layout, padding_token_id))

@@ -66,6 +66,9 @@ class ContextParallelStrategy(ContextParallelMixin, FabricModelParallelStrategy)
             full logits never exist (``True`` or tokens per chunk; see :mod:`lightning_cp.chunked_loss`).
         activation_checkpointing: recompute the decoder layers in backward (the CP attention runs again).
         offload_activations: on CUDA, keep the activations saved for backward in pinned host memory.
+        cp_mode: the CP mechanism: ``"auto"`` (default: decided per model, see :mod:`lightning_cp.cp_mode`),
+            ``"ring"``, ``"ulysses"`` (all-to-all of heads: any attention variant) or ``"hybrid"``.
+        ulysses_size: ranks of each Ulysses group under ``cp_mode="hybrid"`` (the ring runs across groups).
         heartbeat_timeout: a rank whose heartbeat is silent this long (stopped, frozen) is named and the job
             ended (default 2 min; ``None``: never). Ctrl-C and SIGTERM end every rank within seconds either way.
         save_distributed_checkpoint, process_group_backend: as in Fabric's ``ModelParallelStrategy``.
@@ -91,6 +94,8 @@ class ContextParallelStrategy(ContextParallelMixin, FabricModelParallelStrategy)
         chunked_loss: bool | int = False,
         activation_checkpointing: bool = False,
         offload_activations: bool = False,
+        cp_mode: str = "auto",
+        ulysses_size: int | None = None,
     ) -> None:
         super().__init__(
             parallelize_fn=parallelize_fn or _replicate,
@@ -110,6 +115,8 @@ class ContextParallelStrategy(ContextParallelMixin, FabricModelParallelStrategy)
             chunked_loss=chunked_loss,
             activation_checkpointing=activation_checkpointing,
             offload_activations=offload_activations,
+            cp_mode=cp_mode,
+            ulysses_size=ulysses_size,
             load_balance=load_balance,
             rotate_method=rotate_method,
             shift_labels=shift_labels,
@@ -134,6 +141,7 @@ class ContextParallelStrategy(ContextParallelMixin, FabricModelParallelStrategy)
         self._synchronize_replicas(module)
         self._apply_memory_options(module)
         self.session.prepare_model(module)
+        rank_zero_info(f"lightning_cp: {self.session.describe_attention()}")
         self._modules.append(module)
         return module
 

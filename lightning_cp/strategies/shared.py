@@ -11,6 +11,7 @@ import torch
 
 from lightning_cp.attention.switch import validate_rotate_method
 from lightning_cp.chunked_loss import HiddenStatesForLoss
+from lightning_cp.cp_mode import validate_cp_mode
 from lightning_cp.memory import apply_memory_options, chunk_tokens_of
 from lightning_cp.mesh import (
     CONTEXT_PARALLEL,
@@ -90,6 +91,7 @@ class ContextParallelMixin:
         validate_size("data_parallel_size", data_parallel_size)
         validate_size("tensor_parallel_size", tensor_parallel_size)
         validate_rotate_method(session_options["rotate_method"])
+        validate_cp_mode(session_options["cp_mode"], session_options["ulysses_size"])
         self._cp_size = cp_size
         self._deterministic = deterministic
         self._heartbeat_timeout = heartbeat_timeout

@@ -55,6 +55,9 @@ class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
             full logits never exist (``True`` or tokens per chunk; see :mod:`lightning_cp.chunked_loss`).
         activation_checkpointing: recompute the decoder layers in backward (the CP attention runs again).
         offload_activations: on CUDA, keep the activations saved for backward in pinned host memory.
+        cp_mode: the CP mechanism: ``"auto"`` (default: decided per model, see :mod:`lightning_cp.cp_mode`),
+            ``"ring"``, ``"ulysses"`` (all-to-all of heads: any attention variant) or ``"hybrid"``.
+        ulysses_size: ranks of each Ulysses group under ``cp_mode="hybrid"`` (the ring runs across groups).
         heartbeat_timeout: a rank whose heartbeat is silent this long (stopped, frozen) is named and the job
             ended (default 2 min; ``None``: never). Ctrl-C and SIGTERM end every rank within seconds either way.
         save_distributed_checkpoint, process_group_backend: as in ``ModelParallelStrategy``.
@@ -80,6 +83,8 @@ class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
         chunked_loss: bool | int = False,
         activation_checkpointing: bool = False,
         offload_activations: bool = False,
+        cp_mode: str = "auto",
+        ulysses_size: int | None = None,
     ) -> None:
         super().__init__(
             data_parallel_size=data_parallel_size,
@@ -98,6 +103,8 @@ class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
             chunked_loss=chunked_loss,
             activation_checkpointing=activation_checkpointing,
             offload_activations=offload_activations,
+            cp_mode=cp_mode,
+            ulysses_size=ulysses_size,
             load_balance=load_balance,
             rotate_method=rotate_method,
             shift_labels=shift_labels,

@@ -1,0 +1,145 @@
+"""Hugging Face's attention interface, seen through context parallelism.
+
+A transformers attention module picks its attention function at every call:
+``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)``, a name
+looked up in its modeling module. :func:`route_attention_interface` puts a view of that registry
+there, so every function the module picks — SDPA, its own eager function with softcapping or sinks —
+comes back wrapped by :func:`_through_cp`. Outside CP, and for modules the hooks did not prepare, the
+wrapper calls the function unchanged; under CP it runs the function through the active mechanism:
+
+* ring: the function as it is (its SDPA call is the ring's); only SDPA without softcapping or sinks;
+* Ulysses: the function on whole sequences for this rank's heads (Note [Ulysses]);
+* hybrid: Ulysses inside the group, then the function's SDPA call runs the ring across groups.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_cp.attention.switch import active_context_parallel
+from lightning_cp.attention.ulysses import ULYSSES_ATTN_IMPLEMENTATIONS, ulysses_attention_function
+from lightning_cp.validation import ContextParallelInputError
+
+#: Set on attention modules the hooks prepared; the interface leaves every other module alone.
+HOOKED_MARK = "_lightning_cp_hooked"
+_REGISTRY_NAME = "ALL_ATTENTION_FUNCTIONS"
+
+
+def sliding_window_of(module: nn.Module) -> int | None:
+    """The sliding-window size an attention module applies, or ``None`` for full causal attention.
+
+    Reads the module's own ``sliding_window`` (Qwen2-style, per layer) or else its config's
+    (Mistral-style, every layer; per layer when the config lists ``layer_types``).
+    """
+    if hasattr(module, "sliding_window"):
+        return module.sliding_window
+    config = getattr(module, "config", None)
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    layer_idx = getattr(module, "layer_idx", None)
+    if window is not None and layer_types is not None and layer_idx is not None:
+        return window if layer_types[layer_idx] == "sliding_attention" else None
+    return window
+
+
+def uses_attention_interface(module: nn.Module) -> bool:
+    """Whether ``module``'s modeling code picks its attention function from transformers' registry."""
+    modeling = sys.modules.get(type(module).__module__)
+    return modeling is not None and hasattr(modeling, _REGISTRY_NAME)
+
+
+def route_attention_interface(module: nn.Module) -> None:
+    """Make the attention functions ``module``'s modeling code picks go through CP (once per modeling module)."""
+    modeling: ModuleType | None = sys.modules.get(type(module).__module__)
+    registry = getattr(modeling, _REGISTRY_NAME, None)
+    if registry is not None and not isinstance(registry, _ContextParallelRegistry):
+        setattr(modeling, _REGISTRY_NAME, _ContextParallelRegistry(registry))
+
+
+class _ContextParallelRegistry:
+    """transformers' ``AttentionInterface`` with every function it hands out wrapped by :func:`_through_cp`."""
+
+    def __init__(self, registry: Any) -> None:
+        self._registry = registry
+        self._wrapped: dict[tuple[int, str], Callable[..., Any]] = {}
+
+    def get_interface(self, attn_implementation: str, default: Callable[..., Any]) -> Callable[..., Any]:
+        return self._wrap(self._registry.get_interface(attn_implementation, default), attn_implementation)
+
+    def __getitem__(self, attn_implementation: str) -> Callable[..., Any]:
+        return self._wrap(self._registry[attn_implementation], attn_implementation)
+
+    def __contains__(self, attn_implementation: object) -> bool:
+        return attn_implementation in self._registry
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._registry, name)
+
+    def _wrap(self, function: Callable[..., Any], implementation: str) -> Callable[..., Any]:
+        key = (id(function), implementation)
+        if key not in self._wrapped:
+            self._wrapped[key] = _through_cp(function, implementation)
+        return self._wrapped[key]
+
+
+def _through_cp(original: Callable[..., Any], implementation: str) -> Callable[..., Any]:
+    def attention(module: nn.Module, query: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if active_context_parallel() is None or not getattr(module, HOOKED_MARK, False):
+            return original(module, query, *args, **kwargs)
+        return _run_under_cp(original, implementation, module, query, *args, **kwargs)
+
+    return attention
+
+
+def ring_refusal_for(module: nn.Module, implementation: str, kwargs: dict[str, Any]) -> str | None:
+    """Why the ring cannot run this module's attention function exactly, or ``None``."""
+    name = type(module).__name__
+    if implementation != "sdpa":
+        return (
+            f"`{name}` attends with attn_implementation={implementation!r}; the ring runs only"
+            " `F.scaled_dot_product_attention`."
+        )
+    if kwargs.get("softcap") is not None:
+        return f"`{name}` softcaps its attention logits (softcap={kwargs['softcap']}), which the ring's kernels cannot."
+    if kwargs.get("s_aux") is not None or isinstance(getattr(module, "sinks", None), torch.Tensor):
+        return f"`{name}` has attention sinks, which the ring's kernels cannot add."
+    return None
+
+
+@torch.compiler.disable
+def _run_under_cp(
+    original: Callable[..., Any],
+    implementation: str,
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> Any:
+    """Run a hooked module's attention function through the active mechanism (see the module docstring)."""
+    active = active_context_parallel()
+    assert active is not None
+    if active.mechanism != "ulysses":
+        reason = ring_refusal_for(module, implementation, kwargs)
+        if reason is not None:
+            raise ContextParallelInputError(
+                f"{reason} Under cp_mode={active.mechanism!r} it would be wrong; Ulysses runs the model's own"
+                " attention function on whole sequences: use `cp_mode='ulysses'` (or 'auto')."
+            )
+    if active.mechanism == "ring":  # the function's SDPA call is the ring's, which records itself
+        return original(module, query, key, value, attention_mask, **kwargs)
+    if implementation not in ULYSSES_ATTN_IMPLEMENTATIONS:
+        raise ContextParallelInputError(
+            f"`{type(module).__name__}` attends with attn_implementation={implementation!r}; Ulysses runs"
+            f" {ULYSSES_ATTN_IMPLEMENTATIONS} attention. Build the model with `attn_implementation='sdpa'`."
+        )
+    assert active.ulysses is not None
+    run = ulysses_attention_function(original, implementation, active.ulysses, sliding_window_of)
+    return run(module, query, key, value, attention_mask, **kwargs)
