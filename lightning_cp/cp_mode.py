@@ -178,7 +178,9 @@ def choose_mechanism(
                     f"ulysses_size={ulysses_size} must divide cp_size={cp_size} (the ring runs over cp_size /"
                     " ulysses_size groups)."
                 )
-            obstacle = ring_obstacle or ulysses_obstacle(ulysses_size)
+            if ring_obstacle is not None:  # the ring runs across the Ulysses groups
+                _refuse("hybrid", ring_obstacle, _alternative(cp_size, ulysses_obstacle))
+            obstacle = ulysses_obstacle(ulysses_size)
             if obstacle is not None:
                 _refuse("hybrid", obstacle, _sizes_hint(traits, cp_size))
             return Mechanism("hybrid", ulysses_size, f"cp_mode='hybrid', ulysses_size={ulysses_size}")
@@ -210,16 +212,22 @@ def _alternative(cp_size: int, ulysses_obstacle: Callable[[int], str | None]) ->
 
 
 def _sizes_hint(traits: list[AttentionTraits], cp_size: int) -> str:
+    """Which Ulysses sizes the heads allow, and which of them can run at ``cp_size`` (directly or in the hybrid)."""
     known = [t for t in traits if t.query_heads is not None and t.kv_heads is not None]
     if not known:
         return ""
-    sizes = set(ulysses_sizes_that_work(known[0].query_heads, known[0].kv_heads, cp_size))  # type: ignore[arg-type]
-    for t in known[1:]:
-        sizes &= set(ulysses_sizes_that_work(t.query_heads, t.kv_heads, cp_size))  # type: ignore[arg-type]
-    usable = sorted(size for size in sizes if cp_size % size == 0)
+    limit = max(max(t.query_heads for t in known), cp_size)  # type: ignore[type-var]
+    sizes = set.intersection(*(set(ulysses_sizes_that_work(t.query_heads, t.kv_heads, limit)) for t in known))  # type: ignore[arg-type]
+    splitting = sorted(sizes)
+    usable = [size for size in splitting if 1 < size <= cp_size and cp_size % size == 0]
+    if not usable:
+        return (
+            f"Ulysses sizes that split the heads: {splitting}; none above 1 divides cp_size={cp_size}. Use"
+            " cp_mode='ring' (any heads), or a cp_size that is a multiple of one of them."
+        )
     return (
-        f"Ulysses group sizes that divide cp_size={cp_size} and the heads: {usable}"
-        " (cp_mode='hybrid', ulysses_size=...; 'ring' for any heads)."
+        f"Ulysses sizes that split the heads: {splitting}; at cp_size={cp_size}: {usable} (cp_mode='ulysses' when"
+        " it equals cp_size, else cp_mode='hybrid', ulysses_size=...)."
     )
 
 

@@ -39,13 +39,17 @@ from lightning_cp.attention.switch import (
     switched_on,
     validate_rotate_method,
 )
-from lightning_cp.cp_mode import validate_cp_mode
+from lightning_cp.cp_mode import Mechanism, attention_traits, choose_mechanism, validate_cp_mode
+from lightning_cp.hooks import hooked_attention_modules
 from lightning_cp.mesh import (
     TENSOR_PARALLEL,
+    ContextParallelGroups,
     cp_submesh,
     find_submesh,
     mesh_size,
+    split_context_parallel,
 )
+from lightning_cp.session import attention_context
 from lightning_cp.sharding.batch import default_position_ids, pad_sequence_field, padded_length, shard_cp_batch
 from lightning_cp.sharding.packing import is_packed, plan_packed_batch, shard_packed_batch
 from lightning_cp.sharding.sequence import gather_sequence, ring_pad_multiple, shard_sequence
@@ -205,24 +209,55 @@ def make_cp_batch_and_ctx(
     if loss_mask is not None:
         batch = {**batch, "loss_mask": loss_mask}
     cp_size, cp_rank = cp_mesh.size(), cp_mesh.get_local_rank()
+    tp_size = mesh_size(find_submesh(device_mesh, TP_DIM_NAMES))
+    mechanism = _hooked_models_mechanism(cp_size, tp_size, cp_mode, ulysses_size)
     layout = None
     if is_packed(batch):
         batch, layout = plan_packed_batch(batch, cp_size, load_balance, require_labels=True, whole_documents=True)
         sharded = shard_packed_batch(batch, layout, cp_rank, padding_token_id=padding_token_id)
-        span = layout.longest_document
+        padded_len, span = layout.padded_len, layout.longest_document
     else:
-        sharded, span = shard_cp_batch(
+        sharded, padded_len = shard_cp_batch(
             batch, cp_size, cp_rank, load_balance=load_balance, padding_token_id=padding_token_id
         )
+        span = padded_len
     validate_rotate_method(rotate_method)
+    groups = None if mechanism.name == "ring" else _groups(cp_mesh, mechanism.ulysses_size)
 
     def train_ctx() -> AbstractContextManager[None]:
-        ring = ring_attention(
-            cp_mesh, load_balance=load_balance, rotate_method=rotate_method, global_seq_len=span, documents=layout
+        attend = attention_context(
+            mechanism.name,
+            cp_mesh,
+            groups,
+            padded_len=padded_len,
+            layout=layout,
+            load_balance=load_balance,
+            rotate_method=rotate_method,
+            global_seq_len=span,
         )
-        return get_train_context(enable_loss_parallel, False, ring)()
+        return get_train_context(enable_loss_parallel, False, attend)()
 
     return train_ctx, sharded
+
+
+def _hooked_models_mechanism(cp_size: int, tp_size: int, cp_mode: str, ulysses_size: int | None) -> Mechanism:
+    """The mechanism for the attention modules hooked in this process; the ring for ``"auto"`` without any."""
+    modules = hooked_attention_modules()
+    if not modules and cp_mode == "auto":
+        return Mechanism("ring", 1, "auto: no hooked attention modules (the ring runs plain SDPA calls)")
+    traits = [attention_traits(name, module, tp_size) for name, module in modules.items()]
+    return choose_mechanism(traits, cp_size, cp_mode, ulysses_size)
+
+
+#: The Ulysses / ring process groups, made once per CP group and Ulysses size (making groups takes collectives).
+_GROUPS: dict[tuple[int, int], ContextParallelGroups] = {}
+
+
+def _groups(cp_mesh: DeviceMesh, ulysses_size: int) -> ContextParallelGroups:
+    key = (id(cp_mesh.get_group()), ulysses_size)
+    if key not in _GROUPS:
+        _GROUPS[key] = split_context_parallel(cp_mesh, ulysses_size)
+    return _GROUPS[key]
 
 
 def _shard_in_place(buffer: torch.Tensor, cp_mesh: DeviceMesh) -> None:

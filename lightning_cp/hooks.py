@@ -124,6 +124,11 @@ def _check_window(module: nn.Module, global_seq_len: int | None, mechanism: str)
         )
 
 
+def _takes_keyword(module: nn.Module, name: str) -> bool:
+    parameters = inspect.signature(module.forward).parameters.values()
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
 def _mask_arg_index(module: nn.Module) -> int | None:
     parameters = list(inspect.signature(module.forward).parameters)
     return parameters.index("attention_mask") if "attention_mask" in parameters else None
@@ -147,7 +152,8 @@ def _causal_pre_hook(
         args = (*args[:index], None, *args[index + 1 :])
     if "attention_mask" in kwargs or index is None or index >= len(args):
         kwargs["attention_mask"] = None
-    kwargs["is_causal"] = causal
+    if module._lightning_cp_takes_is_causal:
+        kwargs["is_causal"] = causal
     ledger.entering(module)
     return args, kwargs
 
@@ -217,6 +223,7 @@ def attach_context_parallel_hooks(model: nn.Module) -> list[str]:
         if getattr(module, HOOKED_MARK, False):
             continue
         module._lightning_cp_mask_index = _mask_arg_index(module)
+        module._lightning_cp_takes_is_causal = _takes_keyword(module, "is_causal")
         module._lightning_cp_name = name
         route_attention_interface(module)
         module.register_forward_pre_hook(_causal_pre_hook, with_kwargs=True)

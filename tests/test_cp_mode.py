@@ -1,0 +1,166 @@
+"""Which mechanism runs a model (``cp_mode``), and the refusals that keep CP from being silently wrong.
+
+The choice reads only the model, so every rank makes the same one; the refusals here are raised on every
+rank before any collective (checked on real gloo ranks where a rank's own shard could make them differ).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from distributed_harness import run_on_ranks
+from model_zoo import zoo_model
+from models import lm_batch, sdpa_imported_by_name, tiny_causal_lm
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+
+from lightning_cp import attach_context_parallel_hooks, make_cp_batch_and_ctx
+from lightning_cp.cp_mode import attention_traits, choose_mechanism, runnable_modes, validate_cp_mode
+from lightning_cp.hooks import find_attention_modules
+from lightning_cp.validation import ContextParallelInputError
+
+
+def _traits(name: str, **overrides) -> list:
+    model = zoo_model(name, **overrides)
+    return [attention_traits(module_name, module) for module_name, module in find_attention_modules(model).items()]
+
+
+@pytest.mark.parametrize(
+    "name,cp_size,mechanism,ulysses_size",
+    [
+        ("llama", 2, "ulysses", 2),
+        ("llama", 4, "ulysses", 4),  # 2 key/value heads spread over 4 ranks
+        ("llama", 8, "hybrid", 4),  # 4 query heads: Ulysses groups of 4, the ring across 2 groups
+        ("gemma2", 2, "ulysses", 2),
+        ("gpt_bigcode", 4, "ulysses", 4),
+        ("falcon", 2, "ulysses", 2),
+        ("llama", 3, "ring", 1),  # 4 heads do not split over 3 ranks, nor over a divisor of 3
+    ],
+)
+def test_auto_picks_an_exact_mechanism(name, cp_size, mechanism, ulysses_size):
+    chosen = choose_mechanism(_traits(name), cp_size)
+    assert (chosen.name, chosen.ulysses_size) == (mechanism, ulysses_size)
+    assert chosen.reason.startswith("auto:")
+
+
+def test_auto_refuses_when_neither_mechanism_runs_the_model():
+    # Gemma 2's eager softcapped attention needs Ulysses, whose 4 heads do not split over 8 ranks
+    with pytest.raises(ContextParallelInputError, match=r"only Ulysses could run it, but .*4 query heads"):
+        choose_mechanism(_traits("gemma2"), 8)
+
+
+def test_explicit_modes_refuse_what_they_cannot_run_and_name_what_can():
+    with pytest.raises(ContextParallelInputError, match=r"cp_mode='ring'.*'eager'.*Use cp_mode='ulysses'"):
+        choose_mechanism(_traits("gemma2"), 2, "ring")
+    with pytest.raises(ContextParallelInputError, match=r"cp_mode='hybrid'.*'eager'.*Use cp_mode='ulysses'"):
+        choose_mechanism(_traits("gpt_oss"), 2, "hybrid", 1)
+    with pytest.raises(ContextParallelInputError, match=r"4 query heads do not split over 3.*\[1, 2, 4\]"):
+        choose_mechanism(_traits("llama"), 3, "ulysses")
+    with pytest.raises(ContextParallelInputError, match="must divide cp_size=4"):
+        choose_mechanism(_traits("llama"), 4, "hybrid", 3)
+    assert runnable_modes(_traits("gemma2"), 2) == ["ulysses"]
+    assert runnable_modes(_traits("mistral"), 2, seq_len=130) == ["ulysses"]  # window 16 < 130 tokens
+    assert runnable_modes(_traits("llama"), 4) == ["ulysses", "ring", "hybrid(ulysses_size=2)"]
+
+
+def test_falcon_with_alibi_in_its_mask_is_refused_by_every_mode():
+    traits = _traits("falcon", alibi=True)
+    assert runnable_modes(traits, 2) == []
+    with pytest.raises(ContextParallelInputError, match="ALiBi"):
+        choose_mechanism(traits, 2)
+
+
+@pytest.mark.parametrize("cp_mode,ulysses_size", [("rings", None), ("ulysses", 2), ("hybrid", None), ("hybrid", 0)])
+def test_bad_options_are_refused_before_any_process_starts(cp_mode, ulysses_size):
+    with pytest.raises(ValueError, match="cp_mode|ulysses_size"):
+        validate_cp_mode(cp_mode, ulysses_size)
+
+
+@pytest.mark.parametrize(
+    "name,module", [("bloom", "transformer.h.0.self_attention"), ("mpt", "transformer.blocks.0.attn")]
+)
+def test_hand_written_alibi_attention_is_refused_at_attach_time(name, module):
+    # Nothing could be hooked: before, each rank silently attended only inside its own shard
+    with pytest.raises(ContextParallelInputError, match=rf"cannot reach: `{module}`.*by hand"):
+        attach_context_parallel_hooks(zoo_model(name))
+
+
+def _functional_error(rank: int, world_size: int, case: str) -> str:
+    """The error each rank raises in a functional CP step that cannot be exact (``""``: none)."""
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))
+    if case == "bloom_session":
+        from lightning_cp.mesh import ParallelLayout, build_device_mesh
+        from lightning_cp.session import ContextParallelSession
+
+        layout_mesh, data_context = build_device_mesh(ParallelLayout(1, world_size, 1), torch.device("cpu"))
+        model: nn.Module = zoo_model("bloom")
+        try:
+            ContextParallelSession(layout_mesh, data_context).prepare_model(model)
+        except ContextParallelInputError as error:
+            return str(error)
+        return ""
+    if case == "no_hooks":
+        model = tiny_causal_lm("llama")  # hooks never attached: the model builds its mask from its shard
+    else:
+        model = _ModelBypassingCP()
+        attach_context_parallel_hooks(model)
+    train_ctx, local = make_cp_batch_and_ctx(
+        mesh, lm_batch(seq_len=64), cp_mode="ring" if case == "no_hooks" else "auto"
+    )
+    try:
+        with train_ctx():
+            # no KV cache: Hugging Face then builds a mask where a shard's positions jump (rank 0's head/tail)
+            extra = {"use_cache": False} if case == "no_hooks" else {}
+            model(input_ids=local["input_ids"], position_ids=local["position_ids"], **extra)
+    except ContextParallelInputError as error:
+        return str(error)
+    return ""
+
+
+class _AttentionBySdpaImportedByName(nn.Module):
+    """Self-attention that calls an SDPA imported by name: CP's patched function never sees it."""
+
+    is_causal = True
+    num_heads = 4
+    num_key_value_heads = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch, seq, _ = hidden.shape
+        q, k, v = self.qkv(hidden).view(batch, seq, 3, 4, 4).permute(2, 0, 3, 1, 4)
+        return sdpa_imported_by_name(q, k, v, is_causal=True).transpose(1, 2).reshape(batch, seq, 16)
+
+
+class _ModelBypassingCP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(256, 16)
+        self.self_attn = _AttentionBySdpaImportedByName()
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return F.gelu(self.self_attn(self.embed(input_ids)))
+
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        # rank 0's shard has a position jump, so only its model builds a mask; rank 1 must stop too
+        ("no_hooks", r"refused on context-parallel rank\(s\) \[0\]; all ranks stop"),
+        ("bypass", r"`self_attn` \(_AttentionBySdpaImportedByName\) finished its forward .*'ulysses'"),
+        ("bloom_session", r"cannot reach: `transformer.h.0.self_attention` \(BloomAttention\)"),
+    ],
+)
+def test_refusals_reach_every_rank(case, expected):
+    errors = run_on_ranks(_functional_error, case, timeout=120)
+    assert len(errors) == 2
+    for error in errors:
+        assert error, "a rank went on where another refused"
+        assert re.search(expected, error), error
+    if case == "no_hooks":
+        assert "explicit `attn_mask`" in errors[0]
