@@ -15,6 +15,7 @@ from test_packed_training import _unpacked, packed_batch
 from lightning_cp.attention import ulysses
 from lightning_cp.mesh import ParallelLayout, build_device_mesh
 from lightning_cp.session import ContextParallelSession
+from lightning_cp.validation import ContextParallelInputError
 
 
 def _averaged_grads(model, group) -> dict[str, torch.Tensor]:
@@ -140,3 +141,34 @@ ZOO_CASES = [
 def test_zoo_models_are_exact_with_auto(name, mechanism):
     results = run_on_ranks(_session_parity, zoo(name), 130, "auto", None, False)
     assert_parity(results, mechanism)
+
+
+#: Four processes: the hybrid (Ulysses 2 x ring 2) and the ring over 4 for multi-query models (one key/value
+#: head: spread over the Ulysses ranks; repeated for the ring, where Falcon relies on SDPA broadcasting).
+FOUR_RANK_ZOO_CASES = [
+    ("gpt_bigcode", "hybrid", 2),
+    ("falcon", "hybrid", 2),
+    ("falcon", "ring", None),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,cp_mode,ulysses_size", FOUR_RANK_ZOO_CASES)
+def test_multi_query_models_on_four_ranks(name, cp_mode, ulysses_size):
+    results = run_on_ranks(_session_parity, zoo(name), 130, cp_mode, ulysses_size, False, world_size=4)
+    assert_parity(results, cp_mode)
+
+
+def _hybrid_error(rank: int, world_size: int, name: str) -> str:
+    try:
+        _session_parity(rank, world_size, zoo(name), 130, "hybrid", 2, False)
+    except ContextParallelInputError as error:
+        return str(error)
+    return ""
+
+
+@pytest.mark.slow
+def test_hybrid_refuses_a_window_its_ring_cannot_honour_on_every_rank():
+    for error in run_on_ranks(_hybrid_error, "mistral", world_size=4, timeout=120):
+        assert "sliding window of 16 tokens, shorter than the sequence" in error
+        assert "Use `cp_mode='ulysses'`" in error
