@@ -50,7 +50,13 @@ from lightning_cp.mesh import (
     split_context_parallel,
 )
 from lightning_cp.session import attention_context
-from lightning_cp.sharding.batch import default_position_ids, pad_sequence_field, padded_length, shard_cp_batch
+from lightning_cp.sharding.batch import (
+    default_position_ids,
+    pad_sequence_field,
+    padded_length,
+    primary_input_key,
+    shard_cp_batch,
+)
 from lightning_cp.sharding.packing import is_packed, plan_packed_batch, shard_packed_batch
 from lightning_cp.sharding.sequence import gather_sequence, ring_pad_multiple, shard_sequence
 from lightning_cp.sharding.te_batch import make_cp_batch_for_te
@@ -212,6 +218,7 @@ def make_cp_batch_and_ctx(
     tp_size = mesh_size(find_submesh(device_mesh, TP_DIM_NAMES))
     mechanism = _hooked_models_mechanism(cp_size, tp_size, cp_mode, ulysses_size)
     layout = None
+    seq_len = batch[primary_input_key(batch)].size(1)
     if is_packed(batch):
         batch, layout = plan_packed_batch(batch, cp_size, load_balance, require_labels=True, whole_documents=True)
         sharded = shard_packed_batch(batch, layout, cp_rank, padding_token_id=padding_token_id)
@@ -229,6 +236,7 @@ def make_cp_batch_and_ctx(
             mechanism.name,
             cp_mesh,
             groups,
+            seq_len=seq_len,
             padded_len=padded_len,
             layout=layout,
             load_balance=load_balance,

@@ -50,6 +50,7 @@ from lightning_cp.sharding.ulysses import (
     gathered_order,
     held_packed_positions,
     held_positions,
+    padding_spans,
     ring_layout,
 )
 from lightning_cp.validation import check_tensor_parallel_heads
@@ -365,6 +366,7 @@ class ContextParallelSession:
             self.mechanism.name,
             self.cp_mesh,
             self._groups,
+            seq_len=step.seq_len,
             padded_len=step.padded_len,
             layout=step.layout,
             load_balance=self.load_balance,
@@ -450,6 +452,7 @@ def attention_context(
     cp_mesh: DeviceMesh,
     groups: ContextParallelGroups | None,
     *,
+    seq_len: int,
     padded_len: int,
     layout: PackedLayout | None,
     load_balance: bool,
@@ -476,7 +479,7 @@ def attention_context(
     else:
         held = held_packed_positions(layout, groups.ulysses_cp_ranks)
     if mechanism == "ulysses":
-        spans = None if layout is None else document_spans(layout)
+        spans = document_spans(layout) if layout is not None else padding_spans(seq_len, padded_len)
         exchange = UlyssesExchange(groups.ulysses, gathered_order(held), spans)
         return ulysses_attention(exchange, global_seq_len=global_seq_len)
     assert groups.ring_mesh is not None

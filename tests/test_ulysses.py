@@ -7,14 +7,19 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from distributed_harness import run_on_ranks
 from model_zoo import zoo_model
 from models import lm_batch, tiny_causal_lm
 from test_packed_training import _unpacked, packed_batch
 
 from lightning_cp.attention import ulysses
+from lightning_cp.attention.switch import ulysses_attention
+from lightning_cp.attention.ulysses import UlyssesExchange, UlyssesGroup
 from lightning_cp.mesh import ParallelLayout, build_device_mesh
 from lightning_cp.session import ContextParallelSession
+from lightning_cp.sharding.sequence import gather_sequence, shard_sequence
+from lightning_cp.sharding.ulysses import gathered_order, held_positions, padding_spans
 from lightning_cp.validation import ContextParallelInputError
 
 
@@ -172,3 +177,47 @@ def test_hybrid_refuses_a_window_its_ring_cannot_honour_on_every_rank():
     for error in run_on_ranks(_hybrid_error, "mistral", world_size=4, timeout=120):
         assert "sliding window of 16 tokens, shorter than the sequence" in error
         assert "Use `cp_mode='ulysses'`" in error
+
+
+def _raw_ulysses(
+    rank: int, world_size: int, is_causal: bool, load_balance: bool, separate_padding: bool = True
+) -> dict:
+    """Ulysses on raw SDPA calls over padded, sharded q/k/v; gathered outputs and input gradients."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("context_parallel",))
+    generator = torch.Generator().manual_seed(5)
+    seq_len, padded_len = 30, 32
+    q, grad = (torch.randn(2, 4, seq_len, 8, generator=generator) for _ in range(2))
+    k, v = (torch.randn(2, 2, seq_len, 8, generator=generator) for _ in range(2))
+    pad = lambda t: F.pad(t, (0, 0, 0, padded_len - seq_len))  # noqa: E731
+    local = [shard_sequence(pad(t), 2, world_size, rank, load_balance).requires_grad_() for t in (q, k, v)]
+    held = held_positions(padded_len, world_size, load_balance, range(world_size))
+    group = UlyssesGroup(torch.distributed.group.WORLD, world_size, rank)
+    spans = padding_spans(seq_len, padded_len) if separate_padding else None
+    exchange = UlyssesExchange(group, gathered_order(held), spans)
+    with ulysses_attention(exchange):
+        out = F.scaled_dot_product_attention(*local, is_causal=is_causal, enable_gqa=True)
+    out.backward(shard_sequence(pad(grad), 2, world_size, rank, load_balance))
+    gather = lambda t: gather_sequence(t.detach(), mesh, 2, load_balance)[:, :, :seq_len]  # noqa: E731
+    reference = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_out = F.scaled_dot_product_attention(*reference, is_causal=is_causal, enable_gqa=True)
+    ref_out.backward(grad)
+    return {
+        "cp": [gather(out), *(gather(t.grad) for t in local)],
+        "reference": [ref_out.detach(), *(t.grad for t in reference)],
+    }
+
+
+@pytest.mark.parametrize("is_causal,load_balance", [(True, True), (False, True), (False, False)])
+def test_ulysses_attention_equals_plain_attention(is_causal, load_balance):
+    # bidirectional attention with padding: the padding is a document of its own, never attended by real tokens
+    for result in run_on_ranks(_raw_ulysses, is_causal, load_balance):
+        for cp, reference in zip(result["cp"], result["reference"], strict=True):
+            torch.testing.assert_close(cp, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_negative_control_bidirectional_attention_sees_padding_without_its_span():
+    results = run_on_ranks(_raw_ulysses, False, False, False)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(results[0]["cp"][0], results[0]["reference"][0], rtol=1e-5, atol=1e-6)

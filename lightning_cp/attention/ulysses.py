@@ -2,7 +2,7 @@
 
 Note [Ulysses]
 --------------
-Each of the ``u`` ranks of a Ulysses group holds a contiguous ``1/u`` of the sequence, for every head.
+Each of the ``u`` ranks of a Ulysses group holds ``1/u`` of the sequence, for every head.
 Attention mixes positions but never heads, so an all-to-all that trades "my positions, all heads" for
 "all positions, my heads" lets each rank run ordinary attention over the whole sequence for ``H/u``
 heads; a second all-to-all trades the output back. Because the attention itself is the model's own
@@ -15,11 +15,16 @@ multiple of ``u``); with ``H_kv < u`` each key/value head is first repeated ``u 
 rank receives the one head its queries use, and autograd sums the copies' gradients back. Parameters an
 attention function reads per head from its module (gpt-oss's sinks) are narrowed to the rank's heads.
 
-Masks. The mask a model builds under CP describes its own shard and is dropped. The whole sequence is
-what the rank now holds, in order (the shards are contiguous), so the mask is rebuilt from positions
-alone: causal, the layer's sliding window, and documents. A packed row is attended one document at a
-time (:class:`Spans`), so memory stays linear in the row; a mask exists only where the model's attention
-needs one (a window shorter than the document, or eager attention, which masks by adding it).
+Order. The shards arrive in rank order, in whatever layout the batch was sharded (head/tail chunks,
+packed documents); sorting the gathered positions (:attr:`UlyssesExchange.order`) puts the whole
+sequence in order, and the output goes back through the inverse permutation. So every mechanism
+shares one batch layout.
+
+Masks. The mask a model builds under CP describes its own shard and is dropped. It is rebuilt for the
+whole sequence from positions alone: causal, the layer's sliding window, and documents (padding is a
+document of its own). A row is attended one document at a time (:data:`Spans`), so memory stays linear
+in the row; a mask exists only where the model's attention needs one (a window shorter than the
+document, or eager attention, which masks by adding it).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from lightning_cp.validation import ContextParallelInputError, refuse_together
 #: Hugging Face attention implementations whose attention function Ulysses can run on whole sequences.
 ULYSSES_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
-#: Per row, the ``(start, end)`` spans of the documents of the gathered sequence, in order, covering it.
+#: Per row (or one entry for all rows), the ``(start, end)`` spans of the documents of the ordered sequence.
 Spans = tuple[tuple[tuple[int, int], ...], ...]
 
 
@@ -173,10 +178,13 @@ def span_mask(
 
 
 def _row_groups(spans: Spans | None, batch_size: int, seq_len: int) -> list[tuple[slice, tuple[tuple[int, int], ...]]]:
-    """Rows that share their document spans, as (row slice, spans) pairs: one pair for an unpacked batch."""
+    """Rows that share their document spans, as (row slice, spans) pairs: one pair when all rows agree.
+
+    ``spans`` has one entry per row, or a single entry for every row (``None``: the whole sequence).
+    """
     if spans is None:
         return [(slice(0, batch_size), ((0, seq_len),))]
-    if len(spans) != batch_size:
+    if len(spans) not in (1, batch_size):
         raise ValueError(f"Ulysses got document spans for {len(spans)} rows, but the batch has {batch_size}.")
     if all(row == spans[0] for row in spans):
         return [(slice(0, batch_size), spans[0])]

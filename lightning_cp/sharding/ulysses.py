@@ -50,6 +50,17 @@ def document_spans(layout: PackedLayout) -> tuple[tuple[tuple[int, int], ...], .
     return tuple(rows)
 
 
+def padding_spans(seq_len: int, padded_len: int) -> tuple[tuple[tuple[int, int], ...], ...] | None:
+    """The spans of a padded unpacked row: the sequence, then its padding as a document of its own.
+
+    Causal attention never lets a real token see the padding after it anyway; bidirectional attention
+    would. ``None`` (one sequence per row, for every row) when nothing was padded.
+    """
+    if padded_len == seq_len:
+        return None
+    return (((0, seq_len), (seq_len, padded_len)),)
+
+
 def ring_layout(layout: PackedLayout, ulysses_size: int) -> PackedLayout:
     """``layout`` as the ring of the hybrid sees it: each Ulysses group's positions sorted, as one rank's."""
     groups = layout.cp_size // ulysses_size
