@@ -10,19 +10,24 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from models import tiny_causal_lm
+from model_zoo import zoo_model
 
 
-def _same_training(run: dict, reference: dict) -> None:
+def _same_training(run: dict, reference: dict, model_name: str = "llama", **model_overrides: object) -> None:
     torch.testing.assert_close(run["losses"], reference["losses"], rtol=1e-5, atol=0)
     assert run["weights"].keys() == reference["weights"].keys()
     for name, weight in reference["weights"].items():
         torch.testing.assert_close(run["weights"][name], weight, rtol=1e-4, atol=1e-6, msg=name)
-    moved = max((run["weights"][k] - tiny_causal_lm("llama").state_dict()[k]).abs().max() for k in run["weights"])
+    initial = zoo_model(model_name, **model_overrides).state_dict()
+    moved = max((run["weights"][k] - initial[k]).abs().max() for k in run["weights"])
     assert moved > 1e-3, "the weights must have changed, or the comparison proves nothing"
 
 
 @pytest.fixture
-def assert_same_training() -> Callable[[dict, dict], None]:
-    """Assert that a CP run's per-step losses and final weights equal a one-process reference run's."""
+def assert_same_training() -> Callable[..., None]:
+    """Assert that a CP run's per-step losses and final weights equal a one-process reference run's.
+
+    ``model_name`` and ``model_overrides`` name the :func:`~model_zoo.zoo_model` trained (default: the tiny Llama);
+    its initial weights are what the run must have moved away from, or the comparison proves nothing.
+    """
     return _same_training

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from models import TINY_CONFIG
 from transformers import (
     BloomConfig,
     BloomForCausalLM,
@@ -40,16 +41,7 @@ from transformers import (
 WINDOW = 16
 
 #: Shared sizes of the Llama-style configs (4 query heads over 2 key/value heads, head_dim 16).
-_LLAMA_LIKE = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-    attention_dropout=0.0,
-)
+_LLAMA_LIKE = {**TINY_CONFIG, "attention_dropout": 0.0}
 
 
 def _llama() -> tuple[type[PretrainedConfig], type[PreTrainedModel], dict]:

@@ -18,7 +18,8 @@ DEVICES = (
     ),
 )
 
-_TINY = dict(
+#: Sizes of the tiny Llama-style models (4 query heads over 2 key/value heads); shared with ``model_zoo``.
+TINY_CONFIG = dict(
     vocab_size=256,
     hidden_size=64,
     intermediate_size=128,
@@ -35,7 +36,7 @@ def tiny_causal_lm(family: str = "llama", seed: int = 0, **overrides: object) ->
     """A 2-layer fp32 causal LM of ``family`` with deterministic weights (same on every rank)."""
     config_cls, model_cls = _FAMILIES[family]
     torch.manual_seed(seed)
-    return model_cls(config_cls(**{**_TINY, **overrides})).float()
+    return model_cls(config_cls(**{**TINY_CONFIG, **overrides})).float()
 
 
 def lm_batch(batch_size: int = 2, seq_len: int = 130, ignored_share: float = 1 / 3, seed: int = 0) -> dict:
@@ -75,4 +76,4 @@ def mistral_with_short_window() -> PreTrainedModel:
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
-    return MistralForCausalLM(MistralConfig(**{**_TINY, "sliding_window": 64}))
+    return MistralForCausalLM(MistralConfig(**{**TINY_CONFIG, "sliding_window": 64}))

@@ -24,17 +24,19 @@ def _train(tmp_path: Path, *args: str) -> dict:
 
 
 @pytest.mark.parametrize(
-    "layout,accumulate",
-    [("replicate", 1), ("fsdp", 1), ("replicate", 2), ("fsdp", 2)],
+    "layout,accumulate,cp_mode",
+    [("replicate", 1, "auto"), ("fsdp", 1, "ring"), ("replicate", 2, "ring"), ("fsdp", 2, "auto")],
 )
-def test_cp2_training_equals_one_process_training(tmp_path, layout, accumulate, assert_same_training):
-    run = _train(tmp_path, "--layout", layout, "--accumulate", str(accumulate))
+def test_cp2_training_equals_one_process_training(tmp_path, layout, accumulate, cp_mode, assert_same_training):
+    run = _train(tmp_path, "--layout", layout, "--accumulate", str(accumulate), "--cp-mode", cp_mode)
     assert_same_training(run, reference_sgd_run(steps=5, accumulate=accumulate, lr=LR))
     # the logged train_loss is the loss of the whole sequence, not a shard's share
     torch.testing.assert_close(run["logged_train_loss"], run["losses"][-1], rtol=1e-6, atol=0)
     assert run["tokens_per_sec_logged"]
     assert "data_parallel=1 × context_parallel=2 × tensor_parallel=1" in run["log"]
     assert "sequence 130 tokens (padded to 132) -> 66 per rank" in run["log"]
+    mechanism = "Ulysses over 2 ranks: auto" if cp_mode == "auto" else "ring over 2 ranks: cp_mode='ring'"
+    assert f"attention by {mechanism}" in run["log"]
 
 
 def test_bf16_mixed_training_with_cp2_is_as_close_to_fp32_as_bf16_mixed_without_cp(tmp_path):

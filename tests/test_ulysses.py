@@ -86,9 +86,9 @@ def _session_parity(
     }
 
 
-def zoo(name: str):
+def zoo(name: str, **overrides: object):
     """A picklable builder of the zoo model ``name`` (the ranks are spawned processes)."""
-    return functools.partial(zoo_model, name)
+    return functools.partial(zoo_model, name, **overrides)
 
 
 def assert_parity(results: list[dict], mechanism: str) -> None:
@@ -142,10 +142,27 @@ ZOO_CASES = [
 ]
 
 
+#: Larger initial weights where the default ones hide a feature: Gemma 2's softcapping (50) changes the
+#: loss by 2e-7 at std 0.02 (inside the tolerance), by about 2 % at 0.2.
+ZOO_OVERRIDES = {"gemma2": {"initializer_range": 0.2}}
+
+
+def _zoo_parities(rank: int, world_size: int) -> dict[str, dict]:
+    """:func:`_session_parity` of every zoo case with ``cp_mode="auto"``, in one pair of processes."""
+    return {
+        name: _session_parity(rank, world_size, zoo(name, **ZOO_OVERRIDES.get(name, {})), 130, "auto", None, False)
+        for name, _ in ZOO_CASES
+    }
+
+
+@pytest.fixture(scope="module")
+def zoo_results() -> list[dict[str, dict]]:
+    return run_on_ranks(_zoo_parities, timeout=600)
+
+
 @pytest.mark.parametrize("name,mechanism", ZOO_CASES)
-def test_zoo_models_are_exact_with_auto(name, mechanism):
-    results = run_on_ranks(_session_parity, zoo(name), 130, "auto", None, False)
-    assert_parity(results, mechanism)
+def test_zoo_models_are_exact_with_auto(zoo_results, name, mechanism):
+    assert_parity([by_model[name] for by_model in zoo_results], mechanism)
 
 
 #: Four processes: the hybrid (Ulysses 2 x ring 2) and the ring over 4 for multi-query models (one key/value

@@ -9,8 +9,11 @@ import sys
 from pathlib import Path
 
 import torch
-from models import tiny_causal_lm  # tests/ is on the path: pytest's pythonpath, or script_command's PYTHONPATH
+from model_zoo import ZOO_NAMES, zoo_model  # tests/ is on the path: pytest's pythonpath, or script_command's PYTHONPATH
+from models import tiny_causal_lm  # noqa: F401 (re-exported to the scripts and tests)
 from torch.utils.data import DistributedSampler
+
+from lightning_cp.cp_mode import CP_MODES
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 
@@ -37,6 +40,33 @@ def hf_style_samples(count: int, seq_len: int = SEQ_LEN, seed: int = 0) -> list[
             labels[torch.randint(0, max(seq_len, 1), (seq_len // 10,), generator=generator)] = -100
         samples.append({"input_ids": input_ids, "labels": labels})
     return samples
+
+
+def packed_samples(count: int, seq_len: int = SEQ_LEN, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Rows of ``seq_len`` tokens packed from documents of 4-48 tokens, as Hugging Face's padding-free collator packs.
+
+    ``position_ids`` restart at 0 for every document and each document's first label is -100 (no target across
+    a boundary). Every row is cut into different documents, some shorter than a CP shard, some spanning shards.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    samples = []
+    for _ in range(count):
+        lengths, left = [], seq_len
+        while left:
+            length = min(left, int(torch.randint(4, 49, (), generator=generator)))
+            length = left if left - length < 4 else length  # no document shorter than 4 tokens at the end
+            lengths.append(length)
+            left -= length
+        input_ids = torch.randint(1, 256, (seq_len,), generator=generator)
+        position_ids = torch.cat([torch.arange(length) for length in lengths])
+        labels = input_ids.masked_fill(position_ids == 0, -100)
+        samples.append({"input_ids": input_ids, "labels": labels, "position_ids": position_ids})
+    return samples
+
+
+def training_samples(count: int, seq_len: int = SEQ_LEN, packed: bool = False) -> list[dict[str, torch.Tensor]]:
+    """The scripts' samples: :func:`packed_samples` with ``packed``, else :func:`hf_style_samples`."""
+    return packed_samples(count, seq_len) if packed else hf_style_samples(count, seq_len)
 
 
 #: Megatron-style tensor parallelism for the tiny Llama's decoder layers: attention heads and MLP columns
@@ -67,6 +97,20 @@ def replica_sync_options(parser: argparse.ArgumentParser) -> None:
     """Options of the replica-synchronisation tests: unseeded-like models, and bypassing the sync."""
     parser.add_argument("--seed-per-rank", action="store_true", help="each rank builds its model from its own seed")
     parser.add_argument("--skip-replica-sync", action="store_true", help="negative control: no broadcast at setup")
+
+
+def model_options(parser: argparse.ArgumentParser) -> None:
+    """Options choosing the model, the data and the CP mechanism (``cp_mode``, see :mod:`lightning_cp.cp_mode`)."""
+    parser.add_argument("--model", choices=ZOO_NAMES, default="llama", help="a tiny model of tests/model_zoo.py")
+    parser.add_argument("--packed", action="store_true", help="rows packed from documents (position_ids restart)")
+    parser.add_argument("--cp-mode", choices=CP_MODES, default="auto")
+    parser.add_argument("--ulysses-size", type=int, default=None, help="the Ulysses group of --cp-mode hybrid")
+    parser.add_argument("--init-std", type=float, help="the config's initializer_range (default: the model's)")
+
+
+def model_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The config fields ``--init-std`` replaces in the ``--model`` (none by default)."""
+    return {} if args.init_std is None else {"initializer_range": args.init_std}
 
 
 def model_seed(args: argparse.Namespace) -> int:
@@ -136,17 +180,25 @@ def reference_sgd_run(
     data_parallel: int = 1,
     init_seed: int = 0,
     autocast_dtype: torch.dtype | None = None,
+    model_name: str = "llama",
+    packed: bool = False,
+    model_overrides: dict[str, object] | None = None,
 ) -> dict:
     """The same training on one process without CP: per-micro-batch losses and final weights.
 
     With ``autocast_dtype``, the forward runs under CPU autocast, as Lightning's ``"bf16-mixed"`` does.
+    ``model_name`` is a :func:`~model_zoo.zoo_model` name (its ``"llama"`` is :func:`tiny_causal_lm`'s), built with
+    the config fields ``model_overrides``; with ``packed``, the samples are :func:`packed_samples`, masked per
+    document by Hugging Face itself.
     Each micro-batch is the *global* one: the batches of all ``data_parallel`` replicas together, as
     Lightning's DistributedSampler hands them out (shuffled with seed 0 for the Trainer, in order for
     Fabric), and its loss is the token mean over all of them.
     """
-    model = tiny_causal_lm("llama", seed=init_seed)
+    model = zoo_model(model_name, seed=init_seed, **(model_overrides or {}))
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    samples = hf_style_samples(steps * accumulate * BATCH_SIZE * data_parallel, seq_len)
+    samples = training_samples(steps * accumulate * BATCH_SIZE * data_parallel, seq_len, packed)
+    # Hugging Face masks packed documents apart only without a KV cache (it skips packing detection with one)
+    options = {"use_cache": False} if packed else {}
     orders = [
         list(DistributedSampler(samples, num_replicas=data_parallel, rank=rank, shuffle=shuffled, seed=0))
         for rank in range(data_parallel)
@@ -158,7 +210,7 @@ def reference_sgd_run(
             chosen = [samples[i] for order in orders for i in order[start : start + BATCH_SIZE]]
             batch = {key: torch.stack([s[key] for s in chosen]) for key in samples[0]}
             with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                loss = model(**batch).loss
+                loss = model(**batch, **options).loss
             (loss / accumulate).backward()
             losses.append(loss.detach())
         optimizer.step()

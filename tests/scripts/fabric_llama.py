@@ -1,4 +1,4 @@
-"""Train a tiny Llama with Fabric and ContextParallelStrategy in a user-written loop; write results (rank 0)."""
+"""Train a tiny Llama (or ``--model``) with Fabric and ContextParallelStrategy in a user loop; write results, rank 0."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ from common import (
     apply_tensor_parallel,
     exit_skipping_teardown,
     full_state_dict,
-    hf_style_samples,
+    model_options,
+    model_overrides,
     model_seed,
     replica_sync_options,
     save_rank_weights,
-    tiny_causal_lm,
+    training_samples,
+    zoo_model,
 )
 from torch.utils.data import DataLoader
 
@@ -44,6 +46,7 @@ def main() -> None:
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--custom-loss", action="store_true", help="loss from logits via the strategy's helper")
     replica_sync_options(parser)
+    model_options(parser)
     args = parser.parse_args()
 
     def parallelize(model: torch.nn.Module, device_mesh) -> torch.nn.Module:
@@ -54,6 +57,8 @@ def main() -> None:
     strategy = ContextParallelStrategy(
         parallelize_fn=parallelize,
         cp_size=2,
+        cp_mode=args.cp_mode,
+        ulysses_size=args.ulysses_size,
         tensor_parallel_size=args.tp,
         chunked_loss=args.chunked_loss or False,
         activation_checkpointing=args.activation_checkpointing,
@@ -61,9 +66,10 @@ def main() -> None:
     fabric = L.Fabric(accelerator="cpu", devices=2 * args.tp, strategy=strategy)
     fabric.launch()
     # parameters become DTensors under FSDP2: the optimizer comes after
-    model = fabric.setup(tiny_causal_lm("llama", seed=model_seed(args)))
+    model = fabric.setup(zoo_model(args.model, seed=model_seed(args), **model_overrides(args)))
     optimizer = fabric.setup_optimizers(torch.optim.SGD(model.parameters(), lr=args.lr))
-    loader = fabric.setup_dataloaders(DataLoader(hf_style_samples(args.steps * BATCH_SIZE), batch_size=BATCH_SIZE))
+    samples = training_samples(args.steps * BATCH_SIZE, packed=args.packed)
+    loader = fabric.setup_dataloaders(DataLoader(samples, batch_size=BATCH_SIZE))
     losses = []
     for batch in loader:
         with strategy.context_parallel(batch):

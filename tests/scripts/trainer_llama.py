@@ -1,4 +1,4 @@
-"""Train a tiny Llama with the Trainer and ContextParallelStrategy; write losses and weights (rank 0)."""
+"""Train a tiny Llama (or ``--model``) with the Trainer and ContextParallelStrategy; write losses, weights (rank 0)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ from common import (
     apply_tensor_parallel,
     exit_skipping_teardown,
     full_state_dict,
-    hf_style_samples,
+    model_options,
+    model_overrides,
     model_seed,
     rank_of_this_process,
     replica_sync_options,
     save_rank_weights,
-    tiny_causal_lm,
+    training_samples,
+    zoo_model,
 )
 from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
@@ -33,7 +35,7 @@ class LlamaModule(L.LightningModule):
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__()
         self.args = args
-        self.model = tiny_causal_lm("llama", seed=model_seed(args))
+        self.model = zoo_model(args.model, seed=model_seed(args), **model_overrides(args))
         self.automatic_optimization = not args.manual
         self.train_losses: list[torch.Tensor] = []
         self.val_losses: list[torch.Tensor] = []
@@ -84,7 +86,7 @@ class LlamaModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.args.lr, momentum=self.args.momentum)
 
     def _loader(self, count: int) -> DataLoader:
-        samples = hf_style_samples(count, self.args.seq_len)
+        samples = training_samples(count, self.args.seq_len, self.args.packed)
         if self.args.global_rank_sampler:  # the mistake to detect: ranks of one CP group get different data
             sampler = DistributedSampler(
                 samples, num_replicas=self.trainer.world_size, rank=self.global_rank, shuffle=False
@@ -99,7 +101,8 @@ class LlamaModule(L.LightningModule):
         if self.args.stateful_loader:  # resumable mid-epoch; Lightning's sampler shuffles it anew every epoch
             from torchdata.stateful_dataloader import StatefulDataLoader
 
-            return StatefulDataLoader(hf_style_samples(count, self.args.seq_len), batch_size=BATCH_SIZE)
+            samples = training_samples(count, self.args.seq_len, self.args.packed)
+            return StatefulDataLoader(samples, batch_size=BATCH_SIZE)
         return self._loader(count)
 
     def val_dataloader(self) -> DataLoader:
@@ -178,6 +181,7 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed")
     parser.add_argument("--timeout", type=float, default=600, help="collective timeout in seconds")
     replica_sync_options(parser)
+    model_options(parser)
     args = parser.parse_args()
 
     module = LlamaModule(args)
@@ -190,6 +194,8 @@ def main() -> None:
         precision=args.precision,
         strategy=ContextParallelStrategy(
             cp_size=args.cp,
+            cp_mode=args.cp_mode,
+            ulysses_size=args.ulysses_size,
             data_parallel_size=args.dp,
             tensor_parallel_size=args.tp,
             data_parallel_replicate_size=args.replicate,
