@@ -18,17 +18,29 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor.experimental._context_parallel import _attention as torch_cp_attention
 from transformers import LlamaConfig, LlamaForCausalLM
 
 VOCAB = 1024
 
 
 def llama(
-    device: torch.device, layers: int = 2, hidden: int = 256, heads: int = 4, seed: int = 0, vocab: int = VOCAB
+    device: torch.device,
+    layers: int = 2,
+    hidden: int = 256,
+    heads: int = 4,
+    seed: int = 0,
+    vocab: int = VOCAB,
+    kv_heads: int | None = None,
 ) -> LlamaForCausalLM:
-    """A Llama-shaped model (GQA, RMSNorm, SwiGLU, RoPE) small enough for long sequences on a CPU."""
+    """A Llama-shaped model (GQA, RMSNorm, SwiGLU, RoPE) small enough for long sequences on a CPU.
+
+    ``kv_heads`` defaults to half the query heads (at least one).
+    """
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab,
@@ -36,7 +48,7 @@ def llama(
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 2),
+        num_key_value_heads=kv_heads or max(1, heads // 2),
         max_position_embeddings=1 << 20,
         attn_implementation="sdpa",
     )
@@ -64,6 +76,66 @@ def rank_device(device: str, rank: int) -> torch.device:
     if device == "cuda":
         return torch.device("cuda", rank % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def synchronized_time(device: torch.device) -> float:
+    """``time.perf_counter()`` once the work queued on ``device`` is done (CUDA kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class _CountingRotater:
+    """Wraps one of torch's rotaters and adds the bytes it delivers from other ranks to ``counts[label]``."""
+
+    def __init__(self, inner: Any, group: dist.ProcessGroup, counts: dict[str, int], label: str) -> None:
+        self.inner, self.counts, self.label = inner, counts, label
+        self.world_size = dist.get_world_size(group)
+        self.gathers_once = type(inner).__name__ == "_AllGatherRotater"
+        self.exchanged = False
+
+    def exchange_buffers(self, buffer: torch.Tensor) -> None:
+        if not self.gathers_once:
+            self.counts[self.label] += buffer.nbytes
+        elif not self.exchanged:
+            self.counts[self.label] += buffer.nbytes * (self.world_size - 1)
+        self.exchanged = True
+        self.inner.exchange_buffers(buffer)
+
+    def next_buffer(self) -> torch.Tensor:
+        return self.inner.next_buffer()
+
+
+def count_ring_rotations(counts: dict[str, int]) -> None:
+    """From now on in this process, add the bytes torch's ring rotaters deliver to this rank to ``counts``.
+
+    Keys: ``"forward_kv"`` and ``"backward_kv"`` (K/V received in the forward and backward passes) and
+    ``"dkv"`` (K/V gradients passed round the ring in the backward). ``counts`` must default to 0
+    (a ``defaultdict(int)``). Each rotater counts over its own process group, so a ring over part of
+    the CP ranks (the hybrid's) is counted right.
+    """
+    attention = torch_cp_attention  # torch's private ring internals: counted here, outside the package
+    create, forward, backward = (
+        attention._create_rotater,
+        attention._templated_ring_attention,
+        attention._templated_ring_attention_backward,
+    )
+    phase = {"name": "forward"}
+
+    def counting_create(group: dist.ProcessGroup, seq_dim: int, method: Any = None) -> _CountingRotater:
+        label = "dkv" if method is not None else f"{phase['name']}_kv"
+        return _CountingRotater(create(group, seq_dim, method), group, counts, label)
+
+    def in_phase(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            phase["name"] = name
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    attention._create_rotater = counting_create
+    attention._templated_ring_attention = in_phase("forward", forward)
+    attention._templated_ring_attention_backward = in_phase("backward", backward)
 
 
 def release_freed_memory_to_os() -> None:

@@ -15,15 +15,13 @@ import argparse
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor.experimental._context_parallel import _attention as torch_cp_attention
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import backend_for, print_table, rank_device, save_plot  # noqa: E402
+from common import backend_for, count_ring_rotations, print_table, rank_device, save_plot  # noqa: E402
 
 import lightning_cp  # noqa: E402,F401  (installs the CPU ring)
 from lightning_cp.attention.switch import ring_attention  # noqa: E402
@@ -31,57 +29,12 @@ from lightning_cp.launch import run_on_local_ranks  # noqa: E402
 from lightning_cp.sharding.sequence import shard_sequence  # noqa: E402
 
 
-class _CountingRotater:
-    """Wraps one of torch's rotaters and adds the bytes it delivers from other ranks to ``counts[label]``."""
-
-    def __init__(self, inner: Any, counts: dict[str, int], label: str, world_size: int) -> None:
-        self.inner, self.counts, self.label, self.world_size = inner, counts, label, world_size
-        self.gathers_once = type(inner).__name__ == "_AllGatherRotater"
-        self.exchanged = False
-
-    def exchange_buffers(self, buffer: torch.Tensor) -> None:
-        if not self.gathers_once:
-            self.counts[self.label] += buffer.nbytes
-        elif not self.exchanged:
-            self.counts[self.label] += buffer.nbytes * (self.world_size - 1)
-        self.exchanged = True
-        self.inner.exchange_buffers(buffer)
-
-    def next_buffer(self) -> torch.Tensor:
-        return self.inner.next_buffer()
-
-
-def _count_rotations(counts: dict[str, int], world_size: int) -> None:
-    attention = torch_cp_attention  # torch's private ring internals: counted here, outside the package
-    create, forward, backward = (
-        attention._create_rotater,
-        attention._templated_ring_attention,
-        attention._templated_ring_attention_backward,
-    )
-    phase = {"name": "forward"}
-
-    def counting_create(group: Any, seq_dim: int, method: Any = None) -> _CountingRotater:
-        label = "dkv" if method is not None else f"{phase['name']}_kv"
-        return _CountingRotater(create(group, seq_dim, method), counts, label, world_size)
-
-    def in_phase(name: str, fn: Any) -> Any:
-        def wrapped(*args: Any, **kwargs: Any) -> Any:
-            phase["name"] = name
-            return fn(*args, **kwargs)
-
-        return wrapped
-
-    attention._create_rotater = counting_create
-    attention._templated_ring_attention = in_phase("forward", forward)
-    attention._templated_ring_attention_backward = in_phase("backward", backward)
-
-
 def _worker(rank: int, world_size: int, args: argparse.Namespace, rotate_method: str) -> dict:
     device = rank_device(args.device, rank)
     dtype = getattr(torch, args.dtype)
     mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("context_parallel",))
     counts: dict[str, int] = defaultdict(int)
-    _count_rotations(counts, world_size)
+    count_ring_rotations(counts)
     generator = torch.Generator().manual_seed(0)
     shape_q = (args.batch_size, args.heads, args.seq_len, args.head_dim)
     shape_kv = (args.batch_size, args.kv_heads, args.seq_len, args.head_dim)

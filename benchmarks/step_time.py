@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import lightning as L
@@ -24,7 +23,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import llama, lm_batch, print_table, save_plot  # noqa: E402
+from common import llama, lm_batch, print_table, save_plot, synchronized_time  # noqa: E402
 
 import lightning_cp as lcp  # noqa: E402
 from lightning_cp.callbacks import ContextParallelCallback  # noqa: E402
@@ -45,22 +44,15 @@ class _Module(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
-def _now(device: torch.device) -> float:
-    """``time.perf_counter()`` once the work queued on ``device`` is done (CUDA kernels run asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 class _StepTimer(L.Callback):
     def __init__(self) -> None:
         self.times: list[float] = []
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
-        self._start = _now(trainer.strategy.root_device)
+        self._start = synchronized_time(trainer.strategy.root_device)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
-        self.times.append(_now(trainer.strategy.root_device) - self._start)
+        self.times.append(synchronized_time(trainer.strategy.root_device) - self._start)
 
 
 def _functional_steps(args: argparse.Namespace, mesh: object, samples: list[dict], device: torch.device) -> list[float]:
@@ -71,7 +63,7 @@ def _functional_steps(args: argparse.Namespace, mesh: object, samples: list[dict
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     times = []
     for sample in samples:
-        start = _now(device)
+        start = synchronized_time(device)
         batch = {key: value.unsqueeze(0).to(device) for key, value in sample.items()}
         batch["labels"] = next_token_labels(batch["labels"])
         train_ctx, local = lcp.make_cp_batch_and_ctx(mesh, batch)
@@ -88,7 +80,7 @@ def _functional_steps(args: argparse.Namespace, mesh: object, samples: list[dict
             grad.copy_(reduced)
         optimizer.step()
         optimizer.zero_grad()
-        times.append(_now(device) - start)
+        times.append(synchronized_time(device) - start)
     return times
 
 
@@ -97,9 +89,9 @@ def _batch_check_times(samples: list[dict], cp_mesh: object, device: torch.devic
     times = []
     for step, sample in enumerate(samples):
         batch = {key: value.unsqueeze(0).to(device) for key, value in sample.items()}
-        start = _now(device)
+        start = synchronized_time(device)
         check_same_batch(batch, cp_mesh, step)
-        times.append(_now(device) - start)
+        times.append(synchronized_time(device) - start)
     return times
 
 

@@ -206,12 +206,15 @@ def _heads_sharded() -> Iterator[None]:
 
 
 def _reorder(tensor: torch.Tensor, order: torch.Tensor, seq_dim: int) -> torch.Tensor:
-    """``tensor`` (batch first) with its sequence taken in ``order`` (``[S]``, or ``[B, S]`` per row)."""
-    shape = [1] * tensor.ndim
-    shape[seq_dim] = order.size(-1)
-    if order.ndim == 2:
-        shape[0] = order.size(0)
-    return torch.take_along_dim(tensor, order.to(tensor.device).view(shape), dim=seq_dim)
+    """``tensor`` (batch first) with its sequence taken in ``order`` (``[S]``, or ``[B, S]`` per row).
+
+    ``index_select`` (a row at a time for per-row orders): a gather with a broadcast index costs about
+    four times as much, forward and backward.
+    """
+    order = order.to(tensor.device)
+    if order.ndim == 1:
+        return tensor.index_select(seq_dim, order)
+    return torch.stack([row.index_select(seq_dim - 1, row_order) for row, row_order in zip(tensor, order, strict=True)])
 
 
 def _to_whole_sequences(
