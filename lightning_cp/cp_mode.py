@@ -74,8 +74,12 @@ class AttentionTraits:
             return f"`{self.name}` has attention sinks"
         return None
 
-    def ulysses_obstacle(self, size: int) -> str | None:
-        """Why ``size`` Ulysses ranks cannot run this module, or ``None``."""
+    def ulysses_obstacle(self, size: int, heads_required: bool = True) -> str | None:
+        """Why ``size`` Ulysses ranks cannot run this module, or ``None``.
+
+        A module that does not declare its heads is an obstacle only with ``heads_required`` (``"auto"``
+        then prefers the ring, which runs any heads); asked for explicitly, Ulysses checks them when it runs.
+        """
         if self.alibi:
             return f"`{self.name}` adds ALiBi position biases through its attention mask"
         if self.implementation not in (None, "sdpa") and not (
@@ -85,7 +89,7 @@ class AttentionTraits:
         if self.window is not None and not self.interface:
             return f"`{self.name}` has a sliding window but does not use transformers' attention interface"
         if self.query_heads is None or self.kv_heads is None:
-            return f"`{self.name}` does not say how many heads it has"
+            return f"`{self.name}` does not say how many heads it has" if heads_required else None
         error = ulysses_head_error(self.query_heads, self.kv_heads, size)
         return None if error is None else f"`{self.name}`: {error}"
 
@@ -158,8 +162,8 @@ def choose_mechanism(
     validate_cp_mode(cp_mode, ulysses_size)
     ring_obstacle = _first([t.ring_obstacle() for t in traits])
 
-    def ulysses_obstacle(size: int) -> str | None:
-        return _first([t.ulysses_obstacle(size) for t in traits])
+    def ulysses_obstacle(size: int, heads_required: bool = True) -> str | None:
+        return _first([t.ulysses_obstacle(size, heads_required) for t in traits])
 
     match cp_mode:
         case "ring":
@@ -167,8 +171,8 @@ def choose_mechanism(
                 _refuse("ring", ring_obstacle, _alternative(cp_size, ulysses_obstacle))
             return Mechanism("ring", 1, "cp_mode='ring'")
         case "ulysses":
-            obstacle = ulysses_obstacle(cp_size)
-            if obstacle is not None and not obstacle.endswith("does not say how many heads it has"):
+            obstacle = ulysses_obstacle(cp_size, heads_required=False)
+            if obstacle is not None:
                 _refuse("ulysses", obstacle, _sizes_hint(traits, cp_size))
             return Mechanism("ulysses", cp_size, "cp_mode='ulysses'")
         case "hybrid":
@@ -180,7 +184,7 @@ def choose_mechanism(
                 )
             if ring_obstacle is not None:  # the ring runs across the Ulysses groups
                 _refuse("hybrid", ring_obstacle, _alternative(cp_size, ulysses_obstacle))
-            obstacle = ulysses_obstacle(ulysses_size)
+            obstacle = ulysses_obstacle(ulysses_size, heads_required=False)
             if obstacle is not None:
                 _refuse("hybrid", obstacle, _sizes_hint(traits, cp_size))
             return Mechanism("hybrid", ulysses_size, f"cp_mode='hybrid', ulysses_size={ulysses_size}")

@@ -142,6 +142,13 @@ def _causal_pre_hook(
         return None
     _check_window(module, active.global_seq_len, active.mechanism)
     causal = bool(getattr(module, "is_causal", True))
+    if not causal and active.mechanism != "ulysses" and active.padding:
+        raise ContextParallelInputError(
+            f"`{type(module).__name__}` is not causal (is_causal=False) and the sequence was padded by"
+            f" {active.padding} positions to split evenly over the CP ranks; under cp_mode={active.mechanism!r}"
+            " every token would attend to them. Use cp_mode='ulysses' (it keeps padding apart), or sequences"
+            " whose length is a multiple of the CP size (without load balancing)."
+        )
     if not causal and active.mechanism != "ulysses" and active.load_balance and active.documents is None:
         raise ContextParallelInputError(
             f"`{type(module).__name__}` is not causal (is_causal=False); context parallelism with load balancing"

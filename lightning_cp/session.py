@@ -465,6 +465,7 @@ def attention_context(
     the hybrid learn from the layout in which order their group's shards come (:mod:`lightning_cp.sharding.ulysses`).
     ``groups`` comes from :func:`~lightning_cp.mesh.split_context_parallel` (not needed for the ring).
     """
+    padding = padded_len - seq_len if layout is None else 0
     if mechanism == "ring":
         return ring_attention(
             cp_mesh,
@@ -472,6 +473,7 @@ def attention_context(
             rotate_method=rotate_method,
             global_seq_len=global_seq_len,
             documents=layout,
+            padding=padding,
         )
     assert groups is not None
     if layout is None:
@@ -490,6 +492,7 @@ def attention_context(
         global_seq_len=global_seq_len,
         documents=None if layout is None else ring_layout(layout, groups.ulysses.size),
         ulysses=UlyssesExchange(groups.ulysses, gathered_order(held)),
+        padding=padding,
     )
 
 

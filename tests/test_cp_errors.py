@@ -49,7 +49,8 @@ def _error_cases(rank: int, world_size: int) -> dict:
     results["missing_position_ids"] = _error_of(without_positions)
     for module in find_attention_modules(model).values():
         module.is_causal = False
-    results["non_causal_load_balanced"] = _error_of(lambda: _run_model(mesh, model, batch))
+    # the ring's rules (Ulysses, which "auto" picks for this model, runs both exactly: tests/test_ulysses.py)
+    results["non_causal_load_balanced"] = _error_of(lambda: _run_model(mesh, model, batch, cp_mode="ring"))
     results["restored_after_error"] = (
         active_context_parallel() is None
         and F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention
@@ -57,14 +58,18 @@ def _error_cases(rank: int, world_size: int) -> dict:
     reference = model(input_ids=batch["input_ids"]).logits  # bidirectional, no CP
     from lightning_cp.sharding.sequence import gather_sequence
 
-    local_logits = _run_model(mesh, model, batch, load_balance=False)
+    local_logits = _run_model(mesh, model, batch, load_balance=False, cp_mode="ring")
     results["non_causal_without_balance_error"] = (
         (gather_sequence(local_logits, mesh, 1, load_balance=False) - reference).abs().max().item()
     )
 
+    # bidirectional attention over a padded sequence: the ring would let every token see the padding
+    odd = lm_batch(seq_len=127)
+    results["non_causal_padded"] = _error_of(lambda: _run_model(mesh, model, odd, load_balance=False, cp_mode="ring"))
+
     mistral = mistral_with_short_window()
     attach_context_parallel_hooks(mistral)
-    results["sliding_window"] = _error_of(lambda: _run_model(mesh, mistral, batch))
+    results["sliding_window"] = _error_of(lambda: _run_model(mesh, mistral, batch, cp_mode="ring"))
 
     q = torch.randn(1, 2, 32, 8)
 
@@ -123,6 +128,7 @@ def error_results():
         ("left_padding", "left padding or holes"),
         ("missing_position_ids", "without `position_ids`: it would number each shard's tokens from 0"),
         ("non_causal_load_balanced", "only supports causal attention"),
+        ("non_causal_padded", "is not causal .* padded by 1 positions .* Use cp_mode='ulysses'"),
         ("sliding_window", "sliding window of 64 tokens, shorter than the sequence \\(128\\)"),
         ("explicit_mask", "cannot apply an explicit `attn_mask`"),
         ("nested", "do not nest"),

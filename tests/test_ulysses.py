@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import copy
-import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
 from distributed_harness import run_on_ranks
 from model_zoo import zoo_model
-from models import lm_batch, tiny_causal_lm
+from models import lm_batch
 from test_packed_training import _unpacked, packed_batch
 
+from lightning_cp import session as session_module
 from lightning_cp.attention import ulysses
 from lightning_cp.attention.switch import ulysses_attention
 from lightning_cp.attention.ulysses import UlyssesExchange, UlyssesGroup
@@ -42,38 +45,57 @@ def _reference_loss(model, batch: dict, packed: bool) -> torch.Tensor:
     return loss.detach()
 
 
-def _bypass(what: str | None) -> None:
-    """Switch one part of the mechanism off in this rank's process (negative controls)."""
+@contextmanager
+def _bypassed(what: str | None) -> Iterator[None]:
+    """Switch one part of the mechanism off in this process while open (negative controls)."""
+    if what is None:
+        yield
+        return
     if what == "order":  # take the gathered shards as if they were in sequence order
-        monkeypatch_attr("lightning_cp.session", "gathered_order", lambda held: None)
-    elif what == "window":  # rebuild the whole sequence's mask without the sliding window
+        module, name, replacement = session_module, "gathered_order", lambda held: None
+    else:  # "window": rebuild the whole sequence's mask without the sliding window
         original = ulysses.span_mask
-        monkeypatch_attr(
-            "lightning_cp.attention.ulysses",
-            "span_mask",
-            lambda length, **kw: original(length, **{**kw, "window": None}),
-        )
+        module, name = ulysses, "span_mask"
+        replacement = lambda length, **kw: original(length, **{**kw, "window": None})  # noqa: E731
+    saved = getattr(module, name)
+    setattr(module, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
 
 
-def monkeypatch_attr(module_name: str, name: str, value) -> None:
-    import importlib
+@dataclass(frozen=True)
+class Case:
+    """One session-level run (the strategies' path) against one plain process."""
 
-    setattr(importlib.import_module(module_name), name, value)
+    model: str
+    cp_mode: str = "auto"
+    ulysses_size: int | None = None
+    packed: bool = False
+    #: A part of the mechanism to switch off: the run must then differ from the reference.
+    bypass: str | None = None
+    #: The mechanism expected to run, or ``"refused"`` for a ``ContextParallelInputError``.
+    expected: str = "ulysses"
+
+    @property
+    def id(self) -> str:
+        parts = [self.model, self.cp_mode, *([str(self.ulysses_size)] if self.ulysses_size else [])]
+        parts += ["packed"] if self.packed else []
+        parts += [f"without-{self.bypass}"] if self.bypass else []
+        return "-".join(parts)
 
 
-def _session_parity(
-    rank: int, world_size: int, build, seq_len: int, cp_mode: str, ulysses_size, packed: bool, bypass=None
-) -> dict:
-    _bypass(bypass)
+def _session_parity(rank: int, world_size: int, case: Case) -> dict:
     mesh, data_context = build_device_mesh(ParallelLayout(1, world_size, 1), torch.device("cpu"))
-    model = build()
-    batch = packed_batch() if packed else lm_batch(seq_len=seq_len)
+    model = zoo_model(case.model, **ZOO_OVERRIDES.get(case.model, {}))
+    batch = packed_batch() if case.packed else lm_batch(seq_len=130)
     reference = copy.deepcopy(model)
-    ref_loss = _reference_loss(reference, batch, packed)
-    session = ContextParallelSession(mesh, data_context, cp_mode=cp_mode, ulysses_size=ulysses_size)
+    ref_loss = _reference_loss(reference, batch, case.packed)
+    session = ContextParallelSession(mesh, data_context, cp_mode=case.cp_mode, ulysses_size=case.ulysses_size)
     session.prepare_model(model)
     local = dict(batch)
-    with session.step(local):
+    with _bypassed(case.bypass), session.step(local):
         loss = model(**local).loss
         loss.backward()
     grads = _averaged_grads(model, data_context.get_group())
@@ -86,9 +108,15 @@ def _session_parity(
     }
 
 
-def zoo(name: str, **overrides: object):
-    """A picklable builder of the zoo model ``name`` (the ranks are spawned processes)."""
-    return functools.partial(zoo_model, name, **overrides)
+def _run_cases(rank: int, world_size: int, cases: list[Case]) -> dict[str, dict]:
+    """Every case in one set of processes (spawning ranks costs more than a tiny model's step)."""
+    results = {}
+    for case in cases:
+        try:
+            results[case.id] = _session_parity(rank, world_size, case)
+        except ContextParallelInputError as error:
+            results[case.id] = {"mechanism": "refused", "error": str(error)}
+    return results
 
 
 def assert_parity(results: list[dict], mechanism: str) -> None:
@@ -100,100 +128,75 @@ def assert_parity(results: list[dict], mechanism: str) -> None:
             torch.testing.assert_close(result["grads"][name], ref, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
-@pytest.mark.parametrize("cp_mode", ["ulysses", "ring", "auto"])
-def test_llama_session_parity(cp_mode, packed):
-    results = run_on_ranks(_session_parity, tiny_causal_lm, 130, cp_mode, None, packed)
-    assert_parity(results, "ring" if cp_mode == "ring" else "ulysses")
-
-
-@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
-@pytest.mark.parametrize("cp_mode,ulysses_size,mechanism", [("hybrid", 2, "hybrid"), ("ring", None, "ring")])
-def test_llama_four_ranks_parity(cp_mode, ulysses_size, mechanism, packed):
-    results = run_on_ranks(_session_parity, tiny_causal_lm, 130, cp_mode, ulysses_size, packed, world_size=4)
-    assert_parity(results, mechanism)
-
-
-@pytest.mark.parametrize(
-    "build,cp_mode,ulysses_size,world_size,bypass",
-    [
-        (tiny_causal_lm, "ulysses", None, 2, "order"),
-        (tiny_causal_lm, "hybrid", 2, 4, "order"),
-        (zoo("mistral"), "ulysses", None, 2, "window"),
-    ],
-    ids=["ulysses-order", "hybrid-order", "ulysses-window"],
-)
-def test_negative_controls_fail_when_a_part_is_bypassed(build, cp_mode, ulysses_size, world_size, bypass):
-    results = run_on_ranks(_session_parity, build, 130, cp_mode, ulysses_size, False, bypass, world_size=world_size)
-    with pytest.raises(AssertionError):
-        assert_parity(results, results[0]["mechanism"])
-
-
-#: Every attention variant at cp=2, through the session (the strategies' path): the mechanism "auto" picks.
-ZOO_CASES = [
-    ("llama", "ulysses"),
-    ("qwen2", "ulysses"),
-    ("mistral", "ulysses"),  # sliding window 16 < 130 tokens
-    ("gemma2", "ulysses"),  # eager attention, logit softcapping, window on alternate layers
-    ("gemma3", "ulysses"),  # mixed sliding / full layers
-    ("gpt_oss", "ulysses"),  # attention sinks, window, MoE (eager)
-    ("gpt_bigcode", "ulysses"),  # multi-query attention (1 key/value head) through the interface
-    ("falcon", "ulysses"),  # multi-query attention by SDPA broadcasting, called directly
-]
+def _check(results_by_rank: list[dict[str, dict]], case: Case) -> None:
+    results = [by_case[case.id] for by_case in results_by_rank]
+    if case.expected == "refused":
+        for result in results:
+            assert result["mechanism"] == "refused", "a rank went on where another refused"
+            assert "sliding window of 16 tokens, shorter than the sequence" in result["error"]
+            assert "Use `cp_mode='ulysses'`" in result["error"]
+    elif case.bypass is not None:
+        with pytest.raises(AssertionError):
+            assert_parity(results, case.expected)
+    else:
+        assert_parity(results, case.expected)
 
 
 #: Larger initial weights where the default ones hide a feature: Gemma 2's softcapping (50) changes the
 #: loss by 2e-7 at std 0.02 (inside the tolerance), by about 2 % at 0.2.
 ZOO_OVERRIDES = {"gemma2": {"initializer_range": 0.2}}
 
+#: Two ranks. Llama in each mode, plain and packed; every attention variant with "auto" (Ulysses): Mistral's
+#: window 16 < 130 tokens, Gemma 2's eager softcapped attention, Gemma 3's mixed sliding/full layers,
+#: gpt-oss's sinks and MoE, multi-query attention through the interface (GPTBigCode) and by SDPA
+#: broadcasting (Falcon); negative controls.
+TWO_RANK_CASES = [
+    *(
+        Case("llama", mode, packed=packed, expected="ring" if mode == "ring" else "ulysses")
+        for mode in ("ulysses", "ring", "auto")
+        for packed in (False, True)
+    ),
+    *(Case(name) for name in ("qwen2", "mistral", "gemma2", "gemma3", "gpt_oss", "gpt_bigcode", "falcon")),
+    Case("llama", "ulysses", bypass="order"),
+    Case("mistral", "ulysses", bypass="window"),
+]
 
-def _zoo_parities(rank: int, world_size: int) -> dict[str, dict]:
-    """:func:`_session_parity` of every zoo case with ``cp_mode="auto"``, in one pair of processes."""
-    return {
-        name: _session_parity(rank, world_size, zoo(name, **ZOO_OVERRIDES.get(name, {})), 130, "auto", None, False)
-        for name, _ in ZOO_CASES
-    }
-
-
-@pytest.fixture(scope="module")
-def zoo_results() -> list[dict[str, dict]]:
-    return run_on_ranks(_zoo_parities, timeout=600)
-
-
-@pytest.mark.parametrize("name,mechanism", ZOO_CASES)
-def test_zoo_models_are_exact_with_auto(zoo_results, name, mechanism):
-    assert_parity([by_model[name] for by_model in zoo_results], mechanism)
-
-
-#: Four processes: the hybrid (Ulysses 2 x ring 2) and the ring over 4 for multi-query models (one key/value
-#: head: spread over the Ulysses ranks; repeated for the ring, where Falcon relies on SDPA broadcasting).
-FOUR_RANK_ZOO_CASES = [
-    ("gpt_bigcode", "hybrid", 2),
-    ("falcon", "hybrid", 2),
-    ("falcon", "ring", None),
+#: Four ranks: the hybrid (Ulysses 2 x ring 2) and the ring over 4, plain and packed; multi-query models
+#: (one key/value head: spread over the Ulysses ranks; repeated for the ring, where Falcon relies on SDPA
+#: broadcasting); a negative control; a window the hybrid's ring cannot honour, refused on every rank.
+FOUR_RANK_CASES = [
+    *(
+        Case("llama", mode, size, packed=packed, expected=mode)
+        for mode, size in (("hybrid", 2), ("ring", None))
+        for packed in (False, True)
+    ),
+    Case("gpt_bigcode", "hybrid", 2, expected="hybrid"),
+    Case("falcon", "hybrid", 2, expected="hybrid"),
+    Case("falcon", "ring", expected="ring"),
+    Case("llama", "hybrid", 2, bypass="order", expected="hybrid"),
+    Case("mistral", "hybrid", 2, expected="refused"),
 ]
 
 
+@pytest.fixture(scope="module")
+def two_rank_results() -> list[dict[str, dict]]:
+    return run_on_ranks(_run_cases, TWO_RANK_CASES, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def four_rank_results() -> list[dict[str, dict]]:
+    return run_on_ranks(_run_cases, FOUR_RANK_CASES, world_size=4, timeout=900)
+
+
+@pytest.mark.parametrize("case", TWO_RANK_CASES, ids=lambda case: case.id)
+def test_two_ranks(two_rank_results, case):
+    _check(two_rank_results, case)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name,cp_mode,ulysses_size", FOUR_RANK_ZOO_CASES)
-def test_multi_query_models_on_four_ranks(name, cp_mode, ulysses_size):
-    results = run_on_ranks(_session_parity, zoo(name), 130, cp_mode, ulysses_size, False, world_size=4)
-    assert_parity(results, cp_mode)
-
-
-def _hybrid_error(rank: int, world_size: int, name: str) -> str:
-    try:
-        _session_parity(rank, world_size, zoo(name), 130, "hybrid", 2, False)
-    except ContextParallelInputError as error:
-        return str(error)
-    return ""
-
-
-@pytest.mark.slow
-def test_hybrid_refuses_a_window_its_ring_cannot_honour_on_every_rank():
-    for error in run_on_ranks(_hybrid_error, "mistral", world_size=4, timeout=120):
-        assert "sliding window of 16 tokens, shorter than the sequence" in error
-        assert "Use `cp_mode='ulysses'`" in error
+@pytest.mark.parametrize("case", FOUR_RANK_CASES, ids=lambda case: case.id)
+def test_four_ranks(four_rank_results, case):
+    _check(four_rank_results, case)
 
 
 def _raw_ulysses(
@@ -226,15 +229,78 @@ def _raw_ulysses(
     }
 
 
-@pytest.mark.parametrize("is_causal,load_balance", [(True, True), (False, True), (False, False)])
-def test_ulysses_attention_equals_plain_attention(is_causal, load_balance):
+#: (is_causal, load_balance, padding kept apart); the last one is the negative control.
+RAW_CASES = [(True, True, True), (False, True, True), (False, False, True), (False, False, False)]
+
+
+def _raw_cases(rank: int, world_size: int) -> list[dict]:
+    return [_raw_ulysses(rank, world_size, *case) for case in RAW_CASES]
+
+
+@pytest.fixture(scope="module")
+def raw_results() -> list[list[dict]]:
+    return run_on_ranks(_raw_cases)
+
+
+@pytest.mark.parametrize(
+    "index", range(len(RAW_CASES) - 1), ids=["causal-head-tail", "bidirectional-head-tail", "bidirectional-contiguous"]
+)
+def test_ulysses_attention_equals_plain_attention(raw_results, index):
     # bidirectional attention with padding: the padding is a document of its own, never attended by real tokens
-    for result in run_on_ranks(_raw_ulysses, is_causal, load_balance):
-        for cp, reference in zip(result["cp"], result["reference"], strict=True):
+    for by_case in raw_results:
+        for cp, reference in zip(by_case[index]["cp"], by_case[index]["reference"], strict=True):
             torch.testing.assert_close(cp, reference, rtol=1e-5, atol=1e-6)
 
 
-def test_negative_control_bidirectional_attention_sees_padding_without_its_span():
-    results = run_on_ranks(_raw_ulysses, False, False, False)
+def test_negative_control_bidirectional_attention_sees_padding_without_its_span(raw_results):
+    result = raw_results[0][-1]
     with pytest.raises(AssertionError):
-        torch.testing.assert_close(results[0]["cp"][0], results[0]["reference"][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(result["cp"][0], result["reference"][0], rtol=1e-5, atol=1e-6)
+
+
+def _functional_zoo_parities(rank: int, world_size: int, names: tuple[str, ...]) -> dict[str, dict]:
+    """Each zoo model through ``make_cp_batch_and_ctx`` (hooks attached, ``cp_mode="auto"``) vs one process."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_cp import attach_context_parallel_hooks, make_cp_batch_and_ctx, token_correct_loss
+    from lightning_cp.loss import token_loss_sum
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))
+    results = {}
+    for name in names:
+        model = zoo_model(name, **ZOO_OVERRIDES.get(name, {}))
+        batch = lm_batch(seq_len=130)  # labels already shifted: the functional API shards them as given
+        reference = copy.deepcopy(model)
+        ref_loss = (
+            token_loss_sum(reference(input_ids=batch["input_ids"]).logits, batch["labels"])
+            / (batch["labels"] != -100).sum()
+        )
+        ref_loss.backward()
+        attach_context_parallel_hooks(model)
+        train_ctx, local = make_cp_batch_and_ctx(mesh, batch)
+        labels = local.pop("labels")
+        with train_ctx():
+            loss = token_correct_loss(model(**local).logits, labels, mesh["cp"])
+            loss.backward()
+        total = loss.detach().clone()
+        torch.distributed.all_reduce(total)
+        grads = {}
+        for param_name, param in model.named_parameters():
+            grad = param.grad.clone() if param.grad is not None else torch.zeros_like(param)
+            torch.distributed.all_reduce(grad)
+            grads[param_name] = grad
+        results[name] = {
+            "mechanism": "ulysses",
+            "loss": total,
+            "ref_loss": ref_loss.detach(),
+            "grads": grads,
+            "ref_grads": {n: p.grad for n, p in reference.named_parameters()},
+        }
+    return results
+
+
+def test_functional_api_runs_zoo_models_exactly():
+    names = ("gemma2", "gpt_oss", "mistral", "gpt_bigcode")
+    by_rank = run_on_ranks(_functional_zoo_parities, names)
+    for name in names:
+        assert_parity([results[name] for results in by_rank], "ulysses")

@@ -97,7 +97,7 @@ def _through_cp(original: Callable[..., Any], implementation: str) -> Callable[.
     return attention
 
 
-def ring_refusal_for(module: nn.Module, implementation: str, kwargs: dict[str, Any]) -> str | None:
+def _ring_refusal_for(module: nn.Module, implementation: str, kwargs: dict[str, Any]) -> str | None:
     """Why the ring cannot run this module's attention function exactly, or ``None``."""
     name = type(module).__name__
     if implementation != "sdpa":
@@ -127,7 +127,7 @@ def _run_under_cp(
     active = active_context_parallel()
     assert active is not None
     if active.mechanism != "ulysses":
-        reason = ring_refusal_for(module, implementation, kwargs)
+        reason = _ring_refusal_for(module, implementation, kwargs)
         if reason is not None:
             raise ContextParallelInputError(
                 f"{reason} Under cp_mode={active.mechanism!r} it would be wrong; Ulysses runs the model's own"

@@ -49,6 +49,8 @@ class ActiveContextParallel:
     mechanism: str = "ring"
     #: The Ulysses trade of this micro-batch (``"ulysses"`` and ``"hybrid"``).
     ulysses: UlyssesExchange | None = None
+    #: Padding positions after each (unpacked) row: bidirectional attention would see them under a ring.
+    padding: int = 0
 
 
 _active: ActiveContextParallel | None = None
@@ -268,6 +270,7 @@ def ring_attention(
     global_seq_len: int | None = None,
     documents: PackedLayout | None = None,
     ulysses: UlyssesExchange | None = None,
+    padding: int = 0,
 ) -> Iterator[None]:
     """Route ``F.scaled_dot_product_attention`` through the ring over ``cp_mesh`` while open.
 
@@ -276,13 +279,16 @@ def ring_attention(
     ``documents`` (a packed batch sharded by :func:`lightning_cp.sharding.packing.shard_packed_batch`), the
     document-masked ring runs instead of torch's. With ``ulysses`` (the hybrid), q/k/v are first traded
     by Ulysses inside that group, and the ring runs over ``cp_mesh`` on what the group holds together
-    (Note [hybrid layout] in :mod:`lightning_cp.sharding.sequence`). Backward passes must run inside the
-    context: the ring's backward is dispatched through it as well.
+    (Note [hybrid layout] in :mod:`lightning_cp.sharding.sequence`). ``padding``: positions padded after
+    each unpacked row (bidirectional attention is then refused: the ring would let every token see them).
+    Backward passes must run inside the context: the ring's backward is dispatched through it as well.
     """
     _refuse_nesting()
     validate_rotate_method(rotate_method)
     dispatcher = _torch.ring_dispatcher(cp_mesh, SDPA_SEQ_DIM, load_balance, rotate_method)
     mechanism = "ring" if ulysses is None else "hybrid"
-    state = ActiveContextParallel(load_balance, global_seq_len, documents, mechanism=mechanism, ulysses=ulysses)
+    state = ActiveContextParallel(
+        load_balance, global_seq_len, documents, mechanism=mechanism, ulysses=ulysses, padding=padding
+    )
     with switched_on(dispatcher, state, cp_mesh):
         yield
