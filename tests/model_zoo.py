@@ -11,31 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import transformers
 from models import TINY_CONFIG
-from transformers import (
-    BloomConfig,
-    BloomForCausalLM,
-    FalconConfig,
-    FalconForCausalLM,
-    Gemma2Config,
-    Gemma2ForCausalLM,
-    Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    GPTBigCodeConfig,
-    GPTBigCodeForCausalLM,
-    GptOssConfig,
-    GptOssForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    MptConfig,
-    MptForCausalLM,
-    PretrainedConfig,
-    PreTrainedModel,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from transformers import PreTrainedModel
 
 #: The sliding window of the windowed models: shorter than the 64-130 token sequences of the tests.
 WINDOW = 16
@@ -44,26 +22,26 @@ WINDOW = 16
 _LLAMA_LIKE = {**TINY_CONFIG, "attention_dropout": 0.0}
 
 
-def _llama() -> tuple[type[PretrainedConfig], type[PreTrainedModel], dict]:
+def _llama() -> tuple[str, str, dict]:
     """Llama with grouped-query attention (4 query heads, 2 key/value heads), sdpa."""
-    return LlamaConfig, LlamaForCausalLM, dict(_LLAMA_LIKE, attn_implementation="sdpa")
+    return "LlamaConfig", "LlamaForCausalLM", dict(_LLAMA_LIKE, attn_implementation="sdpa")
 
 
-def _qwen2() -> tuple[type[PretrainedConfig], type[PreTrainedModel], dict]:
+def _qwen2() -> tuple[str, str, dict]:
     """Qwen2 (biased q/k/v projections, grouped-query attention), sdpa."""
-    return Qwen2Config, Qwen2ForCausalLM, dict(_LLAMA_LIKE, attn_implementation="sdpa")
+    return "Qwen2Config", "Qwen2ForCausalLM", dict(_LLAMA_LIKE, attn_implementation="sdpa")
 
 
-def _mistral() -> tuple[type[PretrainedConfig], type[PreTrainedModel], dict]:
+def _mistral() -> tuple[str, str, dict]:
     """Mistral with a sliding window of ``WINDOW`` tokens on every layer, sdpa."""
-    return MistralConfig, MistralForCausalLM, dict(_LLAMA_LIKE, sliding_window=WINDOW, attn_implementation="sdpa")
+    return "MistralConfig", "MistralForCausalLM", dict(_LLAMA_LIKE, sliding_window=WINDOW, attn_implementation="sdpa")
 
 
-def _gemma2() -> tuple[type[PretrainedConfig], type[PreTrainedModel], dict]:
+def _gemma2() -> tuple[str, str, dict]:
     """Gemma2: eager attention with attention-logit and final-logit softcapping; layer 0 sliding, layer 1 full."""
     return (
-        Gemma2Config,
-        Gemma2ForCausalLM,
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
         dict(
             _LLAMA_LIKE,
             head_dim=16,
@@ -77,11 +55,11 @@ def _gemma2() -> tuple[type[PretrainedConfig], type[PreTrainedModel], dict]:
     )
 
 
-def _gemma3() -> tuple[type[PretrainedConfig], type[PreTrainedModel], dict]:
+def _gemma3() -> tuple[str, str, dict]:
     """Gemma3 text-only causal LM, 4 layers mixing sliding (window ``WINDOW``) and full attention, sdpa."""
     return (
-        Gemma3TextConfig,
-        Gemma3ForCausalLM,
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
         dict(
             _LLAMA_LIKE,
             num_hidden_layers=4,
@@ -94,11 +72,11 @@ def _gemma3() -> tuple[type[PretrainedConfig], type[PreTrainedModel], dict]:
     )
 
 
-def _gpt_oss() -> tuple[type[PretrainedConfig], type[PreTrainedModel], dict]:
+def _gpt_oss() -> tuple[str, str, dict]:
     """GPT-OSS: attention sinks, sliding/full layers, 4 experts (top-2). HF refuses sdpa for it: eager."""
     return (
-        GptOssConfig,
-        GptOssForCausalLM,
+        "GptOssConfig",
+        "GptOssForCausalLM",
         dict(
             _LLAMA_LIKE,
             num_hidden_layers=4,
@@ -113,11 +91,11 @@ def _gpt_oss() -> tuple[type[PretrainedConfig], type[PreTrainedModel], dict]:
     )
 
 
-def _gpt_bigcode() -> tuple[type[PretrainedConfig], type[PreTrainedModel], dict]:
+def _gpt_bigcode() -> tuple[str, str, dict]:
     """GPTBigCode with multi-query attention (one key/value head shared by 4 query heads), sdpa."""
     return (
-        GPTBigCodeConfig,
-        GPTBigCodeForCausalLM,
+        "GPTBigCodeConfig",
+        "GPTBigCodeForCausalLM",
         dict(
             vocab_size=256,
             n_embd=64,
@@ -136,20 +114,20 @@ def _gpt_bigcode() -> tuple[type[PretrainedConfig], type[PreTrainedModel], dict]
     )
 
 
-def _bloom() -> tuple[type[PretrainedConfig], type[PreTrainedModel], dict]:
+def _bloom() -> tuple[str, str, dict]:
     """Bloom (ALiBi, hand-written attention matmuls; no attention interface). Its MLP is fixed at 4x hidden."""
     return (
-        BloomConfig,
-        BloomForCausalLM,
+        "BloomConfig",
+        "BloomForCausalLM",
         dict(vocab_size=256, hidden_size=64, n_layer=2, n_head=4, hidden_dropout=0.0, attention_dropout=0.0),
     )
 
 
-def _mpt() -> tuple[type[PretrainedConfig], type[PreTrainedModel], dict]:
+def _mpt() -> tuple[str, str, dict]:
     """MPT (ALiBi, hand-written attention matmuls; no attention interface); expansion_ratio 2 gives MLP width 128."""
     return (
-        MptConfig,
-        MptForCausalLM,
+        "MptConfig",
+        "MptForCausalLM",
         dict(
             vocab_size=256,
             d_model=64,
@@ -164,11 +142,11 @@ def _mpt() -> tuple[type[PretrainedConfig], type[PreTrainedModel], dict]:
     )
 
 
-def _falcon() -> tuple[type[PretrainedConfig], type[PreTrainedModel], dict]:
+def _falcon() -> tuple[str, str, dict]:
     """Falcon-7B style multi-query attention (old decoder architecture, 1 key/value head, rotary), sdpa."""
     return (
-        FalconConfig,
-        FalconForCausalLM,
+        "FalconConfig",
+        "FalconForCausalLM",
         dict(
             vocab_size=256,
             hidden_size=64,
@@ -187,7 +165,9 @@ def _falcon() -> tuple[type[PretrainedConfig], type[PreTrainedModel], dict]:
     )
 
 
-_ZOO: dict[str, Callable[[], tuple[type[PretrainedConfig], type[PreTrainedModel], dict]]] = {
+#: Builders of (config class name, model class name, config fields): transformers imports a family only
+#: when it is built (importing all ten costs every process of every test launch about a second).
+_ZOO: dict[str, Callable[[], tuple[str, str, dict]]] = {
     "llama": _llama,
     "qwen2": _qwen2,
     "mistral": _mistral,
@@ -213,7 +193,8 @@ def zoo_model(name: str, seed: int = 0, **overrides: object) -> PreTrainedModel:
     """
     if name not in _ZOO:
         raise ValueError(f"unknown zoo model {name!r}; choose one of {', '.join(ZOO_NAMES)}")
-    config_cls, model_cls, kwargs = _ZOO[name]()
+    config_name, model_name, kwargs = _ZOO[name]()
+    config_cls, model_cls = getattr(transformers, config_name), getattr(transformers, model_name)
     config = config_cls(**{**kwargs, **overrides})
     torch.manual_seed(seed)
     return model_cls(config).float()

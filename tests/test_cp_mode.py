@@ -147,6 +147,16 @@ class _ModelBypassingCP(nn.Module):
         return F.gelu(self.self_attn(self.embed(input_ids)))
 
 
+def _functional_errors(rank: int, world_size: int) -> dict[str, str]:
+    return {case: _functional_error(rank, world_size, case) for case in ("no_hooks", "bypass", "bloom_session")}
+
+
+@pytest.fixture(scope="module")
+def refusals() -> list[dict[str, str]]:
+    """Every case in one pair of processes; a rank left waiting would time the run out."""
+    return run_on_ranks(_functional_errors, timeout=120)
+
+
 @pytest.mark.parametrize(
     "case,expected",
     [
@@ -156,8 +166,8 @@ class _ModelBypassingCP(nn.Module):
         ("bloom_session", r"cannot reach: `transformer.h.0.self_attention` \(BloomAttention\)"),
     ],
 )
-def test_refusals_reach_every_rank(case, expected):
-    errors = run_on_ranks(_functional_error, case, timeout=120)
+def test_refusals_reach_every_rank(refusals, case, expected):
+    errors = [by_case[case] for by_case in refusals]
     assert len(errors) == 2
     for error in errors:
         assert error, "a rank went on where another refused"

@@ -90,26 +90,34 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("family,seq_len,ignored_share,mode", CASES)
-def test_cp2_loss_and_gradients_equal_cp1(family, seq_len, ignored_share, mode, device):
-    results = run_on_ranks(_parity, family, seq_len, ignored_share, mode, device)
+#: Each case of ``CASES`` on ``device`` with ``cp_mode="auto"``, then the ring and Ulysses asked for explicitly.
+RUNS = [(*case, "auto") for case in CASES] + [("llama", 130, 1 / 3, "hf_loss", mode) for mode in ("ring", "ulysses")]
+
+
+def _parities(rank: int, world_size: int, device: str) -> list[dict]:
+    """Every run of ``RUNS`` in one pair of processes (spawning ranks costs more than a tiny model's step)."""
+    return [
+        _parity(rank, world_size, family, seq_len, share, mode, device, cp_mode)
+        for family, seq_len, share, mode, cp_mode in RUNS
+    ]
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def results_by_rank(request) -> tuple[str, list[list[dict]]]:
+    return request.param, run_on_ranks(_parities, request.param)
+
+
+@pytest.mark.parametrize("index", range(len(RUNS)), ids=["-".join(map(str, run)) for run in RUNS])
+def test_cp2_loss_and_gradients_equal_cp1(results_by_rank, index):
+    # "auto" picks Ulysses for these hooked models; the ring and Ulysses asked for explicitly are exact too
+    device, by_rank = results_by_rank
+    seq_len = RUNS[index][1]
     multiple = ring_pad_multiple(2, True, device)  # 4 on CPU; 128 on CUDA (the efficient kernel's 32-query blocks)
     padded = -(-seq_len // multiple) * multiple
-    for result in results:
+    for results in by_rank:
+        result = results[index]
         assert result["local"] == padded // 2
-        _assert_exact(result)
-
-
-def _assert_exact(result: dict) -> None:
-    torch.testing.assert_close(result["cp_loss"], result["ref_loss"], rtol=1e-5, atol=0)
-    assert result["cp_grads"].keys() == result["ref_grads"].keys()
-    for name, ref in result["ref_grads"].items():
-        torch.testing.assert_close(result["cp_grads"][name], ref, rtol=1e-4, atol=1e-6, msg=name)
-
-
-@pytest.mark.parametrize("cp_mode", ["ring", "ulysses"])
-def test_functional_api_runs_each_mode_exactly(cp_mode):
-    # "auto" (above) picks Ulysses for these hooked models; each mechanism asked for explicitly is exact too
-    for result in run_on_ranks(_parity, "llama", 130, 1 / 3, "hf_loss", "cpu", cp_mode):
-        _assert_exact(result)
+        torch.testing.assert_close(result["cp_loss"], result["ref_loss"], rtol=1e-5, atol=0)
+        assert result["cp_grads"].keys() == result["ref_grads"].keys()
+        for name, ref in result["ref_grads"].items():
+            torch.testing.assert_close(result["cp_grads"][name], ref, rtol=1e-4, atol=1e-6, msg=name)
