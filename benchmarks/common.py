@@ -64,6 +64,24 @@ def lm_batch(
     return {"input_ids": input_ids, "labels": input_ids.clone()}
 
 
+def functional_training_step(model: torch.nn.Module, mesh: Any, cp_mesh: Any, batch: dict) -> torch.Tensor:
+    """One forward + backward through ``make_cp_batch_and_ctx`` with the model's token-correct HF loss.
+
+    ``batch`` holds position-aligned labels. The gradient buffers stay allocated (``zero_grad`` without
+    ``set_to_none``): they are part of every measured baseline. Returns this rank's loss share.
+    """
+    import lightning_cp as lcp
+
+    train_ctx, local = lcp.make_cp_batch_and_ctx(mesh, batch)
+    labels = local.pop("labels")
+    with train_ctx():
+        count = lcp.count_label_tokens(labels, cp_mesh)
+        loss = model(**local, labels=labels, shift_labels=labels, num_items_in_batch=count).loss
+        loss.backward()
+    model.zero_grad(set_to_none=False)
+    return loss.detach()
+
+
 def backend_for(device: str, world_size: int) -> str:
     """NCCL with one GPU per rank; gloo otherwise (CPU, or ranks sharing a GPU)."""
     if device == "cuda" and torch.cuda.device_count() >= world_size:

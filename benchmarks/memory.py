@@ -22,6 +22,7 @@ from torch.distributed.device_mesh import init_device_mesh
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     backend_for,
+    functional_training_step,
     llama,
     lm_batch,
     measure_peak_mib,
@@ -46,13 +47,7 @@ def _worker(rank: int, world_size: int, args: argparse.Namespace) -> dict:
     def train_step(seq_len: int) -> None:
         batch = lm_batch(seq_len, args.batch_size, device)
         batch["labels"] = next_token_labels(batch["labels"])
-        train_ctx, local = lcp.make_cp_batch_and_ctx(mesh, batch)
-        labels = local.pop("labels")
-        with train_ctx():
-            count = lcp.count_label_tokens(labels, cp_mesh)
-            loss = model(**local, labels=labels, shift_labels=labels, num_items_in_batch=count).loss
-            loss.backward()
-        model.zero_grad(set_to_none=False)  # gradient buffers stay allocated: part of the baseline
+        functional_training_step(model, mesh, cp_mesh, batch)
 
     def peak_over_ranks(seq_len: int) -> tuple[float, float]:
         mib, seconds = measure_peak_mib(lambda: train_step(seq_len), device)

@@ -33,6 +33,7 @@ from torch.distributed.device_mesh import init_device_mesh
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
     backend_for,
+    functional_training_step,
     llama,
     lm_batch,
     measure_peak_mib,
@@ -152,14 +153,8 @@ def _cp_worker(rank: int, world_size: int, args: argparse.Namespace) -> dict:
         lcp.attach_context_parallel_hooks(model)
 
         def train_step(seq_len: int, model: nn.Module = model) -> float:
-            train_ctx, local = lcp.make_cp_batch_and_ctx(mesh, _labelled_batch(seq_len, args, device))
-            labels = local.pop("labels")
-            with train_ctx():
-                count = lcp.count_label_tokens(labels, cp_mesh)
-                loss = model(**local, labels=labels, shift_labels=labels, num_items_in_batch=count).loss
-                loss.backward()
-            model.zero_grad(set_to_none=False)
-            return lcp.reduce_loss(loss.detach(), cp_mesh).item()
+            loss = functional_training_step(model, mesh, cp_mesh, _labelled_batch(seq_len, args, device))
+            return lcp.reduce_loss(loss, cp_mesh).item()
 
         train_step(args.granularity)  # warm-up
         results[name] = _measure(lambda train_step=train_step: train_step(args.seq_len), device)

@@ -24,6 +24,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (  # noqa: E402
+    functional_training_step,
     llama,
     lm_batch,
     measure_peak_mib,
@@ -71,13 +72,7 @@ def _worker(rank: int, world_size: int, args: argparse.Namespace) -> dict:
     lcp.attach_context_parallel_hooks(model)
 
     def train_step(seq_len: int, packed: bool) -> None:
-        train_ctx, local = lcp.make_cp_batch_and_ctx(mesh, _batch(seq_len, packed))
-        labels = local.pop("labels")
-        with train_ctx():
-            count = lcp.count_label_tokens(labels, cp_mesh)
-            loss = model(**local, labels=labels, shift_labels=labels, num_items_in_batch=count).loss
-            loss.backward()
-        model.zero_grad(set_to_none=False)  # gradient buffers stay allocated: part of the baseline
+        functional_training_step(model, mesh, cp_mesh, _batch(seq_len, packed))
 
     def measure(seq_len: int, packed: bool) -> tuple[float, float]:
         runs = [measure_peak_mib(lambda: train_step(seq_len, packed), torch.device("cpu")) for _ in range(args.repeats)]
