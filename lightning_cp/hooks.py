@@ -108,13 +108,14 @@ def _check_attn_implementation(name: str, module: nn.Module) -> None:
 
 
 def _check_window(module: nn.Module, global_seq_len: int | None, mechanism: str) -> None:
-    window = sliding_window_of(module)
-    if mechanism == "ulysses" and uses_attention_interface(module):
+    interface = module._lightning_cp_interface
+    if mechanism == "ulysses" and interface:
         return  # Ulysses masks the window of the whole sequence (Note [Ulysses])
+    window = sliding_window_of(module)
     if window is not None and global_seq_len is not None and window < global_seq_len:
         hint = (
             " Use `cp_mode='ulysses'` (or 'auto'): it applies the window exactly."
-            if uses_attention_interface(module)
+            if interface
             else " Use sequences no longer than the window, or a model without sliding-window attention."
         )
         raise ContextParallelInputError(
@@ -232,6 +233,8 @@ def attach_context_parallel_hooks(model: nn.Module) -> list[str]:
         module._lightning_cp_mask_index = _mask_arg_index(module)
         module._lightning_cp_takes_is_causal = _takes_keyword(module, "is_causal")
         module._lightning_cp_name = name
+        # read once here, not in every forward: whether the modeling code picks its attention function
+        module._lightning_cp_interface = uses_attention_interface(module)
         route_attention_interface(module)
         module.register_forward_pre_hook(_causal_pre_hook, with_kwargs=True)
         module.register_forward_hook(_check_went_through_cp, with_kwargs=True)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from lightning_cp.attention.switch import active_context_parallel
-from lightning_cp.attention.ulysses import ULYSSES_ATTN_IMPLEMENTATIONS, ulysses_attention_function
+from lightning_cp.attention.ulysses import ULYSSES_ATTN_IMPLEMENTATIONS, run_attention_function
 from lightning_cp.validation import ContextParallelInputError
 
 #: Set on attention modules the hooks prepared; the interface leaves every other module alone.
@@ -141,5 +141,5 @@ def _run_under_cp(
             f" {ULYSSES_ATTN_IMPLEMENTATIONS} attention. Build the model with `attn_implementation='sdpa'`."
         )
     assert active.ulysses is not None
-    run = ulysses_attention_function(original, implementation, active.ulysses, sliding_window_of)
-    return run(module, query, key, value, attention_mask, **kwargs)
+    window = kwargs["sliding_window"] if "sliding_window" in kwargs else sliding_window_of(module)
+    return run_attention_function(original, implementation, active.ulysses, window, module, query, key, value, **kwargs)

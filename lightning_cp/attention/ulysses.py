@@ -248,45 +248,39 @@ class UlyssesExchange:
     spans: Spans | None = None
 
 
-def ulysses_attention_function(
+def run_attention_function(
     original: Callable[..., tuple[torch.Tensor, Any]],
     implementation: str,
     exchange: UlyssesExchange,
-    window_of: Callable[[nn.Module], int | None],
-) -> Callable[..., tuple[torch.Tensor, None]]:
-    """The model's attention function ``original`` run by Ulysses (Note [Ulysses]), for one call.
+    window: int | None,
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Run the model's attention function ``original`` by Ulysses (Note [Ulysses]).
 
-    Takes and returns what Hugging Face attention functions do: ``(module, q, k, v, mask, **kwargs)`` with
-    ``[B, H, s, D]`` shards; returns ``([B, s, H, D], None)`` (attention weights do not exist per shard).
-    The model's mask is ignored: the whole sequence's is rebuilt from ``exchange``.
+    Takes what a Hugging Face attention function takes, without the model's mask (it describes a shard;
+    the whole sequence's is rebuilt from ``exchange`` and the layer's sliding ``window``): ``module``,
+    ``[B, H, s, D]`` shards and keyword arguments. Returns ``([B, s, H, D], None)``: attention weights do
+    not exist per shard.
     """
+    q, k, v = _to_whole_sequences(query, key, value, exchange, f"`{type(module).__name__}`")
+    view = _LocalHeadsView(module, exchange.group, query.size(1), q.size(1) // k.size(1))
+    kwargs = _local_head_kwargs(kwargs, exchange.group, query.size(1))
+    requested = kwargs.pop("is_causal", None)
+    causal = bool(getattr(module, "is_causal", True)) if requested is None else bool(requested)
+    additive = q.dtype if implementation != "sdpa" else None
 
-    def run(
-        module: nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, None]:
-        q, k, v = _to_whole_sequences(query, key, value, exchange, f"`{type(module).__name__}`")
-        view = _LocalHeadsView(module, exchange.group, query.size(1), q.size(1) // k.size(1))
-        kwargs = _local_head_kwargs(kwargs, exchange.group, query.size(1))
-        requested = kwargs.pop("is_causal", None)
-        causal = bool(getattr(module, "is_causal", True)) if requested is None else bool(requested)
-        window = kwargs["sliding_window"] if "sliding_window" in kwargs else window_of(module)
-        additive = q.dtype if implementation != "sdpa" else None
+    def attend(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        with _heads_sharded():
+            out, _ = original(view, qs, ks, vs, mask, is_causal=causal, **kwargs)
+        return out  # [B, S, H/u, D]
 
-        def attend(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-            with _heads_sharded():
-                out, _ = original(view, qs, ks, vs, mask, is_causal=causal, **kwargs)
-            return out  # [B, S, H/u, D]
-
-        out = _attend_spans(attend, q, k, v, exchange.spans, causal, window, additive)
-        record_mechanism_call()
-        return _back_to_shards(out, exchange), None
-
-    return run
+    out = _attend_spans(attend, q, k, v, exchange.spans, causal, window, additive)
+    record_mechanism_call()
+    return _back_to_shards(out, exchange), None
 
 
 def _attend_spans(
@@ -337,7 +331,7 @@ def ulysses_sdpa(inner: Callable[..., torch.Tensor], exchange: UlyssesExchange) 
     For attention that calls SDPA itself (not through Hugging Face's attention interface): masks are
     not taken (the hooks drop the model's, which describe a shard), and key/value given with one head for
     several query heads (multi-query attention relying on broadcasting, as Falcon's) are spread like
-    grouped-query heads. Calls made from inside :func:`ulysses_attention_function` go straight to ``inner``.
+    grouped-query heads. Calls made from inside :func:`run_attention_function` go straight to ``inner``.
     """
 
     def ulysses_scaled_dot_product_attention(
