@@ -10,7 +10,6 @@
 """
 
 from lightning_cp.attention._torch import compiled_autograd as compiled_autograd
-from lightning_cp.attention._torch import counting_ring_calls as counting_ring_calls
 from lightning_cp.attention._torch import flatten_mesh as flatten_mesh
 from lightning_cp.attention._torch import load_balance_enabled as load_balance_enabled
 from lightning_cp.attention._torch import rotate_method as rotate_method

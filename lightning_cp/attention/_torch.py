@@ -95,23 +95,6 @@ def ring_dispatcher(cp_mesh: DeviceMesh, seq_dim: int, load_balance: bool, rotat
         options.enable_load_balance, options.rotate_method, options.convert_to_f32, _cp._dispatch_mode = saved
 
 
-@contextmanager
-def counting_ring_calls() -> Iterator[dict[str, int]]:
-    """Count the calls of torch's ring forward while open (the doctor checks attention really used it)."""
-    counts = {"ring": 0}
-    original = _cp._templated_ring_attention
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        counts["ring"] += 1
-        return original(*args, **kwargs)
-
-    _cp._templated_ring_attention = counted
-    try:
-        yield counts
-    finally:
-        _cp._templated_ring_attention = original
-
-
 def sharded_dtensor(local: torch.Tensor, mesh: DeviceMesh, placements: tuple[Any, ...]) -> DTensor:
     """A DTensor over ``mesh`` with ``placements`` whose local part is ``local``, without communicating.
 
