@@ -28,6 +28,7 @@ from lightning_cp.hooks import find_attention_modules
 from lightning_cp.launch import run_on_local_ranks
 from lightning_cp.loss_check import closest_loss, wrong_losses
 from lightning_cp.mesh import build_device_mesh, resolve_layout
+from lightning_cp.mixers.mode import validate_mixer_mode
 from lightning_cp.sharding.batch import IGNORE_INDEX
 from lightning_cp.strategies.gradients import average_replicated_gradients
 
@@ -251,6 +252,7 @@ def _doctor_worker(
     shift_labels: bool,
     cp_mode: str = "auto",
     ulysses_size: int | None = None,
+    mixer_mode: str = "auto",
 ) -> dict[str, Any]:
     from lightning_cp.session import ContextParallelSession
 
@@ -271,6 +273,7 @@ def _doctor_worker(
         check_batch_every_n_steps=1,
         cp_mode=cp_mode,
         ulysses_size=ulysses_size,
+        mixer_mode=mixer_mode,
     )
     modules = find_attention_modules(model)
     attention_modules = list(modules)
@@ -320,6 +323,7 @@ def check(
     load_balance: bool = True,
     cp_mode: str = "auto",
     ulysses_size: int | None = None,
+    mixer_mode: str = "auto",
     rtol_loss: float = 1e-5,
     rtol_grad: float = 1e-4,
     timeout: float = 900,
@@ -338,7 +342,7 @@ def check(
             loss of your own returns :func:`token_correct_loss` of the logits and ``batch["labels"]``.
         labels: ``"hf"`` when the model shifts labels itself, ``"aligned"`` when they are already shifted.
         load_balance: head/tail sharding of the sequence.
-        cp_mode, ulysses_size: the CP mechanism, as the strategies take it (default ``"auto"``: the report
+        cp_mode, ulysses_size, mixer_mode: the CP mechanisms, as the strategies take them (``"auto"``: the report
             says which mechanism it chose and why).
 
     With the default loss or batch, the factory also runs once in this process: to check that the model
@@ -347,6 +351,7 @@ def check(
     if labels not in ("hf", "aligned"):
         raise ValueError(f"`labels` must be 'hf' or 'aligned', got {labels!r}.")
     validate_cp_mode(cp_mode, ulysses_size)
+    validate_mixer_mode(mixer_mode)
     if batch is None or loss_fn is default_loss:
         torch.manual_seed(0)
         model = model_factory()
@@ -365,6 +370,7 @@ def check(
         labels == "hf",
         cp_mode,
         ulysses_size,
+        mixer_mode,
         world_size=cp_size,
         timeout=timeout,
     )

@@ -31,6 +31,7 @@ from lightning_cp.attention.interface import (
 )
 from lightning_cp.attention.switch import active_context_parallel
 from lightning_cp.attention.ulysses import ULYSSES_ATTN_IMPLEMENTATIONS
+from lightning_cp.mixers.detect import is_sequence_mixer
 from lightning_cp.validation import ContextParallelInputError
 
 #: Every attention module hooked in this process (for ``cp_mode="auto"`` of the functional API).
@@ -47,7 +48,8 @@ def find_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
 
     A module counts when it is named ``self_attn`` (the Hugging Face decoder convention) or its class
     name ends in ``Attention`` and it declares ``is_causal``; cross-attention (a name with ``cross``
-    or ``encoder_attn``) and modules nested in one already found are left out.
+    or ``encoder_attn``), modules nested in one already found, and linear attention (a sequence mixer,
+    :func:`~lightning_cp.mixers.detect.is_sequence_mixer`) are left out.
     """
     found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
@@ -56,6 +58,8 @@ def find_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
         leaf = name.rsplit(".", 1)[-1]
         if "cross" in leaf or leaf == "encoder_attn":
             continue
+        if is_sequence_mixer(module):
+            continue  # linear attention (Kimi's, MiniMax's) is a mixer: lightning_cp.mixers runs it
         if leaf == "self_attn" or (type(module).__name__.endswith("Attention") and hasattr(module, "is_causal")):
             found[name] = module
     return found
@@ -71,6 +75,8 @@ def attention_like_modules(model: nn.Module, found: dict[str, nn.Module]) -> dic
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if not type(module).__name__.endswith("Attention") or "cross" in leaf or leaf == "encoder_attn":
+            continue
+        if is_sequence_mixer(module):
             continue
         related = any(name == f or name.startswith(f + ".") or f.startswith(name + ".") for f in found)
         if not related and not any(name.startswith(other + ".") for other in others):

@@ -41,6 +41,11 @@ from lightning_cp.mesh import (
     ContextParallelGroups,
     split_context_parallel,
 )
+from lightning_cp.mixers.detect import mixer_traits
+from lightning_cp.mixers.exchange import MixerExchange, packed_exchange, unpacked_exchange
+from lightning_cp.mixers.hooks import apply_mixer_plan, attach_mixer_hooks, refuse_mixers_with_transformer_engine
+from lightning_cp.mixers.mode import MixerPlan, choose_mixer_mechanisms, validate_mixer_mode
+from lightning_cp.mixers.switch import mixers_on
 from lightning_cp.sharding.batch import IGNORE_INDEX, next_token_labels, primary_input_key, shard_cp_batch
 from lightning_cp.sharding.packing import PackedLayout, gather_packed, is_packed, plan_packed_batch, shard_packed_batch
 from lightning_cp.sharding.sequence import gather_sequence
@@ -92,6 +97,8 @@ class ContextParallelSession:
         cp_mode: the CP mechanism, ``"auto"``, ``"ring"``, ``"ulysses"`` or ``"hybrid"``
             (see :mod:`lightning_cp.cp_mode`); ``"auto"`` decides per model in :meth:`prepare_model`.
         ulysses_size: the Ulysses group size of ``cp_mode="hybrid"``.
+        mixer_mode: the mechanism of sequence mixers that are not attention, ``"auto"``, ``"all_to_all"`` or
+            ``"gather"`` (see :mod:`lightning_cp.mixers.mode`); ``"auto"`` decides per layer.
     """
 
     def __init__(
@@ -108,8 +115,10 @@ class ContextParallelSession:
         offload_activations: bool = False,
         cp_mode: str = "auto",
         ulysses_size: int | None = None,
+        mixer_mode: str = "auto",
     ) -> None:
         validate_cp_mode(cp_mode, ulysses_size)
+        validate_mixer_mode(mixer_mode)
         self.device_mesh = device_mesh
         self.cp_mesh = device_mesh[CONTEXT_PARALLEL]
         self.data_context_mesh = data_context_mesh
@@ -122,6 +131,9 @@ class ContextParallelSession:
         self.offload_activations = offload_activations
         self.cp_mode = cp_mode
         self.ulysses_size = ulysses_size
+        self.mixer_mode = mixer_mode
+        #: The mechanism of every sequence mixer, chosen by :meth:`prepare_model` (none until then).
+        self.mixer_plan = MixerPlan({}, {}, {})
         #: The mechanism chosen by :meth:`prepare_model` (the ring until a model is prepared).
         self.mechanism = Mechanism("ring", 1, "no model prepared")
         self._groups: ContextParallelGroups | None = None
@@ -144,6 +156,7 @@ class ContextParallelSession:
             self.transformer_engine = uses_transformer_engine_attention(module)
         check_tensor_parallel_heads(module, self.device_mesh[TENSOR_PARALLEL].size())
         if self.transformer_engine:
+            refuse_mixers_with_transformer_engine(module)
             if self.cp_mode not in ("auto", "ring"):
                 raise ValueError(
                     f"cp_mode={self.cp_mode!r} with Transformer Engine attention: TE runs its own ring under CP."
@@ -151,19 +164,28 @@ class ContextParallelSession:
                 )
             return self._prepare_te_model(module)
         names = attach_context_parallel_hooks(module)
-        if not names:
+        mixers = attach_mixer_hooks(module)
+        if not names and not mixers:
             raise ValueError(
-                f"Found no self-attention modules in `{type(module).__name__}` (modules named `self_attn`, or"
-                " `*Attention` classes with an `is_causal` attribute, or Transformer Engine attention). Context"
-                " parallelism needs attention that runs through `F.scaled_dot_product_attention`; build Hugging"
-                " Face models with `attn_implementation='sdpa'`."
+                f"Found no self-attention modules or sequence mixers in `{type(module).__name__}` (modules named"
+                " `self_attn`, `*Attention` classes with an `is_causal` attribute, Transformer Engine attention,"
+                " gated delta nets, Mamba layers, causal convolutions). Context parallelism needs attention that"
+                " runs through `F.scaled_dot_product_attention`; build Hugging Face models with"
+                " `attn_implementation='sdpa'`."
             )
         if id(module) not in self._prepared:
             self._choose_mechanism(module)
+            self._choose_mixer_mechanisms(mixers)
             # Both model fixes at setup: masks dropped under CP, and SDPA kept out of compiled graphs.
             attach_cp_sdpa_hooks(module, self.cp_mesh)
             self._wrap_hf_losses(module)
-        return names
+        return names + list(mixers)
+
+    def _choose_mixer_mechanisms(self, mixers: dict[str, nn.Module]) -> None:
+        """Pick each sequence mixer's mechanism (:func:`~lightning_cp.mixers.mode.choose_mixer_mechanisms`)."""
+        traits = [mixer_traits(name, mixer) for name, mixer in mixers.items()]
+        self.mixer_plan = choose_mixer_mechanisms(traits, self.cp_mesh.size(), self.mixer_mode)
+        apply_mixer_plan(mixers, self.mixer_plan)
 
     def _choose_mechanism(self, module: nn.Module) -> None:
         """Pick the mechanism for ``module`` (:func:`~lightning_cp.cp_mode.choose_mechanism`) and make its groups.
@@ -182,7 +204,9 @@ class ContextParallelSession:
         if self.transformer_engine:
             return "attention by Transformer Engine's own ring (TE attention modules)"
         line = self.mechanism.describe(self.cp_mesh.size())
-        return line if self.mechanism.name == "ulysses" else f"{line}; ring rotation {self.rotate_method}"
+        line = line if self.mechanism.name == "ulysses" else f"{line}; ring rotation {self.rotate_method}"
+        mixers = self.mixer_plan.describe(self.cp_mesh.size())
+        return f"{line}; {mixers}" if mixers else line
 
     def _prepare_te_model(self, module: nn.Module) -> list[str]:
         """Give every Transformer Engine attention module the CP group (TE runs the ring) and wrap HF losses, once."""
@@ -355,6 +379,8 @@ class ContextParallelSession:
         stack = ExitStack()
         if not self.current.thd:  # Transformer Engine's attention runs its own ring
             stack.enter_context(self._attention_context(self.current))
+        if self.mixer_plan.mechanisms:
+            stack.enter_context(mixers_on(self._mixer_exchange(self.current)))
         if self.offload_activations:
             stack.enter_context(offloading_saved_tensors(torch.device(self.cp_mesh.device_type)))
         self._context = stack
@@ -373,6 +399,13 @@ class ContextParallelSession:
             rotate_method=self.rotate_method,
             global_seq_len=span,
         )
+
+    def _mixer_exchange(self, step: ShardedStep) -> MixerExchange:
+        """How this micro-batch's shards make up the original rows (Note [mixer sequence order])."""
+        group, rank = self.cp_mesh.get_group(), self.cp_mesh.get_local_rank()
+        if step.layout is not None:
+            return packed_exchange(group, rank, step.layout)
+        return unpacked_exchange(group, self.cp_mesh.size(), rank, step.seq_len, step.padded_len, self.load_balance)
 
     def close(self) -> None:
         """Switch ring attention off and forget the current micro-batch; safe to call twice."""

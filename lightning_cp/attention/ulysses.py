@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_cp.attention.ledger import inside_hooked_module, record_mechanism_call
+from lightning_cp.sharding.sequence import take_positions
 from lightning_cp.validation import ContextParallelInputError, refuse_together
 
 #: Hugging Face attention implementations whose attention function Ulysses can run on whole sequences.
@@ -205,18 +206,6 @@ def _heads_sharded() -> Iterator[None]:
         _inside_heads_sharded = outer
 
 
-def _reorder(tensor: torch.Tensor, order: torch.Tensor, seq_dim: int) -> torch.Tensor:
-    """``tensor`` (batch first) with its sequence taken in ``order`` (``[S]``, or ``[B, S]`` per row).
-
-    ``index_select`` (a row at a time for per-row orders): a gather with a broadcast index costs about
-    four times as much, forward and backward.
-    """
-    order = order.to(tensor.device)
-    if order.ndim == 1:
-        return tensor.index_select(seq_dim, order)
-    return torch.stack([row.index_select(seq_dim - 1, row_order) for row, row_order in zip(tensor, order, strict=True)])
-
-
 def _to_whole_sequences(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, exchange: UlyssesExchange, where: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -225,14 +214,14 @@ def _to_whole_sequences(
     key, value = (_spread_kv_heads(t, exchange.group.size, head_dim=1) for t in (key, value))
     traded = [sequence_to_heads(t, exchange.group, head_dim=1, seq_dim=2) for t in (query, key, value)]
     if exchange.order is not None:
-        traded = [_reorder(t, exchange.order, seq_dim=2) for t in traded]
+        traded = [take_positions(t, exchange.order, seq_dim=2) for t in traded]
     return traded[0], traded[1], traded[2]
 
 
 def _back_to_shards(out: torch.Tensor, exchange: UlyssesExchange) -> torch.Tensor:
     """``[B, S, H/u, D]`` in sequence order → this rank's ``[B, s, H, D]`` shard."""
     if exchange.order is not None:
-        out = _reorder(out, exchange.order.argsort(dim=-1), seq_dim=1)
+        out = take_positions(out, exchange.order.argsort(dim=-1), seq_dim=1)
     return heads_to_sequence(out, exchange.group, head_dim=2, seq_dim=1)
 
 

@@ -116,6 +116,11 @@ class _AllGatherSequence(torch.autograd.Function):
         return grad.narrow(ctx.seq_dim, rank * ctx.local_len, ctx.local_len), None, None
 
 
+def gather_in_rank_order(local: torch.Tensor, group: dist.ProcessGroup, seq_dim: int) -> torch.Tensor:
+    """Every rank's ``local`` concatenated along ``seq_dim`` in rank order; differentiable (see below)."""
+    return _AllGatherSequence.apply(local, seq_dim, group)
+
+
 def gather_sequence(local: torch.Tensor, cp_mesh: DeviceMesh, seq_dim: int, load_balance: bool) -> torch.Tensor:
     """Collect every rank's shard of a sequence tensor and return the whole sequence, in order.
 
@@ -124,3 +129,15 @@ def gather_sequence(local: torch.Tensor, cp_mesh: DeviceMesh, seq_dim: int, load
     """
     gathered = _AllGatherSequence.apply(local, seq_dim, cp_mesh.get_group())
     return restore_order(gathered, seq_dim, cp_mesh.size(), load_balance)
+
+
+def take_positions(tensor: torch.Tensor, order: torch.Tensor, seq_dim: int) -> torch.Tensor:
+    """``tensor`` (batch first) with its sequence taken in ``order`` (``[S]``, or ``[B, S]`` per row).
+
+    ``index_select`` (a row at a time for per-row orders): a gather with a broadcast index costs about
+    four times as much, forward and backward.
+    """
+    order = order.to(tensor.device)
+    if order.ndim == 1:
+        return tensor.index_select(seq_dim, order)
+    return torch.stack([row.index_select(seq_dim - 1, row_order) for row, row_order in zip(tensor, order, strict=True)])

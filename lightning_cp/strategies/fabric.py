@@ -69,6 +69,9 @@ class ContextParallelStrategy(ContextParallelMixin, FabricModelParallelStrategy)
         cp_mode: the CP mechanism: ``"auto"`` (default: decided per model, see :mod:`lightning_cp.cp_mode`),
             ``"ring"``, ``"ulysses"`` (all-to-all of heads: any attention variant) or ``"hybrid"``.
         ulysses_size: ranks of each Ulysses group under ``cp_mode="hybrid"`` (the ring runs across groups).
+        mixer_mode: the CP mechanism of sequence mixers that are not attention (gated delta nets, Mamba
+            scans, short convolutions, recurrences): ``"auto"`` (default: per layer), ``"all_to_all"`` or
+            ``"gather"`` (see :mod:`lightning_cp.mixers.mode`).
         heartbeat_timeout: a rank whose heartbeat is silent this long (stopped, frozen) is named and the job
             ended (default 2 min; ``None``: never). Ctrl-C and SIGTERM end every rank within seconds either way.
         save_distributed_checkpoint, process_group_backend: as in Fabric's ``ModelParallelStrategy``.
@@ -96,6 +99,7 @@ class ContextParallelStrategy(ContextParallelMixin, FabricModelParallelStrategy)
         offload_activations: bool = False,
         cp_mode: str = "auto",
         ulysses_size: int | None = None,
+        mixer_mode: str = "auto",
     ) -> None:
         super().__init__(
             parallelize_fn=parallelize_fn or _replicate,
@@ -117,6 +121,7 @@ class ContextParallelStrategy(ContextParallelMixin, FabricModelParallelStrategy)
             offload_activations=offload_activations,
             cp_mode=cp_mode,
             ulysses_size=ulysses_size,
+            mixer_mode=mixer_mode,
             load_balance=load_balance,
             rotate_method=rotate_method,
             shift_labels=shift_labels,

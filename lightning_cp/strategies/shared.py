@@ -23,6 +23,7 @@ from lightning_cp.mesh import (
     resolve_layout,
     validate_size,
 )
+from lightning_cp.mixers.mode import validate_mixer_mode
 from lightning_cp.rank_errors import install_same_error_hook
 from lightning_cp.session import ContextParallelSession
 from lightning_cp.strategies.replicas import broadcast_replicated_state
@@ -92,6 +93,7 @@ class ContextParallelMixin:
         validate_size("tensor_parallel_size", tensor_parallel_size)
         validate_rotate_method(session_options["rotate_method"])
         validate_cp_mode(session_options["cp_mode"], session_options["ulysses_size"])
+        validate_mixer_mode(session_options["mixer_mode"])
         self._cp_size = cp_size
         self._deterministic = deterministic
         self._heartbeat_timeout = heartbeat_timeout

@@ -1,0 +1,165 @@
+"""Which modules of a model mix information along the sequence without being softmax attention.
+
+A module counts as a sequence mixer when it holds, itself, one of the structural signs of one: a
+convolution over positions (an ``nn.Conv1d`` with a kernel longer than 1 and stride 1), state-space
+parameters (``A_log``, ``dt_bias``), a call of a known mixer function of transformers' modeling code
+(``causal_conv1d_forward``, ``torch_chunk_gated_delta_rule``, ``mamba2_scan_forward``, ...) in its
+``forward``, or a class name of a known mixer family (gated delta nets, linear/lightning attention,
+RG-LRU, short convolutions). The outermost such module is the mixer: CP runs or refuses it as a whole.
+A mixer written by hand without any of these signs (a ``torch.cumsum`` over positions, say) is caught
+by the doctor, which compares every module's output with one plain process.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from lightning_cp.attention.ulysses import ulysses_head_error, ulysses_sizes_that_work
+from lightning_cp.mixers.heads import ROUTES, UNROUTED, depthwise_conv_error
+
+_STATE_SPACE_PARAMETERS = ("A_log", "dt_bias")
+_MIXER_CLASS_HINTS = (
+    "GatedDeltaNet",
+    "DeltaAttention",
+    "LinearAttention",
+    "LightningAttention",
+    "Rglru",
+    "RgLru",
+    "ShortConv",
+    "Mamba2Mixer",
+    "MambaMixer",
+)
+_KNOWN_FUNCTIONS = (*ROUTES, *UNROUTED)
+
+
+def _is_sequence_conv(module: nn.Module) -> bool:
+    if not isinstance(module, nn.Conv1d | nn.Conv2d):
+        return False
+    return any(k > 1 and s == 1 for k, s in zip(module.kernel_size, module.stride, strict=True))
+
+
+def _functions_called(module: nn.Module) -> tuple[str, ...]:
+    """Known mixer functions named in ``module``'s ``forward`` source (empty when it has none to read)."""
+    return _functions_called_by(type(module))
+
+
+@functools.cache
+def _functions_called_by(cls: type) -> tuple[str, ...]:
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return ()
+    return tuple(name for name in _KNOWN_FUNCTIONS if re.search(rf"\b{name}\(", source))
+
+
+def _looks_like_mixer(module: nn.Module) -> bool:
+    if any(_is_sequence_conv(child) for child in module.children()):
+        return True
+    if any(name in _STATE_SPACE_PARAMETERS for name, _ in module.named_parameters(recurse=False)):
+        return True
+    if any(hint in type(module).__name__ for hint in _MIXER_CLASS_HINTS):
+        return True
+    return bool(_functions_called(module))
+
+
+def is_sequence_mixer(module: nn.Module) -> bool:
+    """Whether ``module`` itself shows a sign of mixing along the sequence (see the module docstring)."""
+    return _looks_like_mixer(module) or _is_sequence_conv(module)
+
+
+def find_sequence_mixers(model: nn.Module) -> dict[str, nn.Module]:
+    """The outermost modules of ``model`` that mix along the sequence without being attention, by name."""
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if any(name.startswith(parent + ".") for parent in found):
+            continue
+        if _looks_like_mixer(module) or (_is_sequence_conv(module) and name):
+            found[name] = module
+    return found
+
+
+@dataclass(frozen=True)
+class MixerTraits:
+    """What decides which mechanism can run one sequence mixer exactly."""
+
+    name: str
+    kind: str
+    #: Parts the all-to-all must run (``"conv"``, ``"scan"``), empty when it cannot run this mixer at all.
+    parts: frozenset[str]
+    #: (value heads, key heads or groups) the scan splits over, when it has one.
+    heads: tuple[int, int] | None
+    #: The depthwise convolution the all-to-all splits by channels, when it has one.
+    conv: nn.Module | None
+    #: Why the all-to-all cannot run it at any CP size (a function it does not route), or ``None``.
+    unroutable: str | None
+
+    def all_to_all_obstacle(self, size: int) -> str | None:
+        """Why ``size`` ranks cannot run this mixer by the all-to-all, or ``None``."""
+        if self.unroutable is not None:
+            return f"`{self.name}` ({self.kind}) {self.unroutable}"
+        if self.heads is not None:
+            error = ulysses_head_error(self.heads[0], self.heads[1], size)
+            if error is not None:
+                sizes = ulysses_sizes_that_work(self.heads[0], self.heads[1], max(self.heads[0], size))
+                return f"`{self.name}` ({self.kind}): {error} (sizes that split them: {sizes})"
+        if self.conv is not None:
+            error = depthwise_conv_error(self.conv, size)
+            if error is not None:
+                return f"`{self.name}` ({self.kind}): {error}"
+        return None
+
+
+def _kind(module: nn.Module, called: tuple[str, ...]) -> str:
+    name = type(module).__name__
+    if "torch_chunk_gated_delta_rule" in called or "GatedDeltaNet" in name:
+        return "gated delta net"
+    if "mamba2_scan_forward" in called:
+        return "Mamba-2 scan"
+    if "mamba_scan_forward" in called or "Mamba" in name:
+        return "Mamba scan"
+    if "chunk_kimi_delta_attention" in called:
+        return "Kimi delta attention"
+    if "Lightning" in name:
+        return "lightning attention"
+    if "Rglru" in name or "Recurrent" in name or "RgLru" in name:
+        return "recurrence"
+    if called == ("causal_conv1d_forward",) or _is_sequence_conv(module) or "Conv" in name:
+        return "short convolution"
+    return "sequence mixer"
+
+
+def _heads(module: nn.Module, called: tuple[str, ...]) -> tuple[int, int] | None:
+    if "torch_chunk_gated_delta_rule" in called:
+        return module.num_v_heads, module.num_k_heads
+    if "mamba2_scan_forward" in called:
+        return module.num_heads, module.n_groups
+    return None
+
+
+def mixer_traits(name: str, module: nn.Module) -> MixerTraits:
+    """Read a mixer's :class:`MixerTraits` from the module and the functions its ``forward`` calls."""
+    called = _functions_called(module)
+    kind = _kind(module, called)
+    routed = [function for function in called if ROUTES[function][1] is not None] if set(called) <= set(ROUTES) else []
+    unroutable = None
+    if not routed:
+        unrouted = [function for function in called if function not in ROUTES]
+        unroutable = (
+            f"calls `{unrouted[0]}`, which the all-to-all does not run"
+            if unrouted
+            else "mixes positions in its own code (no mixer function the all-to-all can run)"
+        )
+    conv = next((child for child in module.children() if _is_sequence_conv(child)), None)
+    return MixerTraits(
+        name=name,
+        kind=kind,
+        parts=frozenset(ROUTES[function][1] for function in routed),  # type: ignore[misc]
+        heads=_heads(module, called) if not unroutable else None,
+        conv=conv if "causal_conv1d_forward" in called else None,
+        unroutable=unroutable,
+    )

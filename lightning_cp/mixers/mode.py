@@ -1,0 +1,81 @@
+"""Which mechanism runs each sequence mixer: the ``mixer_mode`` option, and what ``"auto"`` picks and why.
+
+* ``"all_to_all"``: heads (scans) and channels (convolutions) traded for positions, the model's own
+  function run on whole sequences (Note [mixer all-to-all] in :mod:`lightning_cp.mixers.heads`). Each
+  rank holds the mixer's activations for ``1/cp`` of its heads; the heads must split over the CP ranks.
+* ``"gather"``: every rank runs the mixer on the whole sequence (:mod:`lightning_cp.mixers.whole_sequence`).
+  Any mixer, exactly; that layer's memory and compute are not divided by ``cp``.
+* ``"auto"`` (default): per layer, the all-to-all where it can run the mixer, else gather.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from lightning_cp.mixers.detect import MixerTraits
+from lightning_cp.validation import ContextParallelInputError
+
+MIXER_MODES: tuple[str, ...] = ("auto", "all_to_all", "gather")
+
+
+def validate_mixer_mode(mixer_mode: str) -> None:
+    """Refuse an unknown ``mixer_mode`` before any process starts."""
+    match mixer_mode:
+        case "auto" | "all_to_all" | "gather":
+            return
+        case "state_passing":
+            raise ValueError("mixer_mode='state_passing' is not available yet; use 'auto', 'all_to_all' or 'gather'.")
+        case _:
+            raise ValueError(f"`mixer_mode` must be one of {MIXER_MODES}, got {mixer_mode!r}.")
+
+
+@dataclass(frozen=True)
+class MixerPlan:
+    """The mechanism of every sequence mixer of a model, and why (for the line printed at start)."""
+
+    #: Mixer name → ``"all_to_all"`` or ``"gather"``.
+    mechanisms: dict[str, str]
+    kinds: dict[str, str]
+    reasons: dict[str, str]
+
+    def describe(self, cp_size: int) -> str:
+        """E.g. ``sequence mixers over 2 ranks: 3 gated delta net by all_to_all; 2 Mamba scan by gather (...)``."""
+        if not self.mechanisms:
+            return ""
+        groups = Counter((self.kinds[name], self.mechanisms[name], self.reasons[name]) for name in self.mechanisms)
+        parts = [
+            f"{count} {kind} by {mechanism}" + (f" ({reason})" if reason else "")
+            for (kind, mechanism, reason), count in groups.items()
+        ]
+        return f"sequence mixers over {cp_size} ranks: " + "; ".join(parts)
+
+
+def choose_mixer_mechanisms(traits: list[MixerTraits], cp_size: int, mixer_mode: str = "auto") -> MixerPlan:
+    """The mechanism for every mixer of ``traits`` under ``mixer_mode``, or a refusal naming the mixer.
+
+    Reads only the model, so every rank decides alike.
+    """
+    validate_mixer_mode(mixer_mode)
+    mechanisms: dict[str, str] = {}
+    reasons: dict[str, str] = {}
+    for trait in traits:
+        obstacle = trait.all_to_all_obstacle(cp_size)
+        match mixer_mode:
+            case "gather":
+                mechanisms[trait.name], reasons[trait.name] = "gather", "mixer_mode='gather'"
+            case "all_to_all":
+                if obstacle is not None:
+                    raise ContextParallelInputError(
+                        f"mixer_mode='all_to_all' cannot run this model exactly: {obstacle}. Use"
+                        " mixer_mode='gather' (or 'auto', which gathers such layers: exact, but that layer's"
+                        " memory is not divided over the CP ranks)."
+                    )
+                mechanisms[trait.name], reasons[trait.name] = "all_to_all", ""
+            case _:
+                if obstacle is None:
+                    mechanisms[trait.name], reasons[trait.name] = "all_to_all", ""
+                else:
+                    mechanisms[trait.name] = "gather"
+                    reasons[trait.name] = "auto: the all-to-all cannot run it: " + obstacle.split(": ", 1)[-1]
+    return MixerPlan(mechanisms, {t.name: t.kind for t in traits}, reasons)
