@@ -28,6 +28,8 @@ from lightning_cp.hooks import find_attention_modules
 from lightning_cp.launch import run_on_local_ranks
 from lightning_cp.loss_check import closest_loss, wrong_losses
 from lightning_cp.mesh import build_device_mesh, resolve_layout
+from lightning_cp.mixers import switch as mixer_switch
+from lightning_cp.mixers.detect import find_sequence_mixers
 from lightning_cp.mixers.mode import validate_mixer_mode
 from lightning_cp.sharding.batch import IGNORE_INDEX
 from lightning_cp.strategies.gradients import average_replicated_gradients
@@ -51,6 +53,17 @@ CAUSES: dict[str, str] = {
     "mechanism_refused": (
         "the CP mode asked for cannot run this model's attention exactly (see the error); the report lists the"
         " modes that can. Pass one of them as `cp_mode=` (strategies, make_cp_batch_and_ctx, doctor --cp-mode)."
+    ),
+    "local_mixer": (
+        "a sequence mixer that is not attention (a gated delta net, a Mamba scan, a causal convolution, a"
+        " recurrence) did not go through CP, or no mixer mechanism can run it as asked (see the error). Use"
+        " mixer_mode='auto' or 'gather' (strategies, make_cp_batch_and_ctx, doctor --mixer-mode)."
+    ),
+    "unhooked_mixing": (
+        "a module mixes positions by a route lightning_cp does not see (a cumsum, a shift or a recurrence written"
+        " by hand): its output differs from the plain run while its inputs did not (see `first differing"
+        " module`). Run it through a mixer function transformers names (e.g. `causal_conv1d_forward`), or train"
+        " this model without context parallelism."
     ),
     "missing_position_ids": "the model was called without the sharded `position_ids`; pass them.",
     "labels_shifted_after_sharding": (
@@ -112,6 +125,13 @@ class DoctorReport:
     runnable_modes: list[str] = field(default_factory=list)
     causes: list[str] = field(default_factory=list)
     error: str | None = None
+    #: Sequence mixers that are not attention (gated delta nets, Mamba layers, convolutions), hooked.
+    mixers: list[str] = field(default_factory=list)
+    #: Mixer forwards under CP, and those whose every part went through a CP mechanism.
+    mixer_calls: int = 0
+    mixer_calls_through_cp: int = 0
+    #: The first module (innermost, in execution order) whose CP output differs from the plain run's.
+    first_divergence: str | None = None
 
     def render(self) -> str:
         """The report as text for a terminal."""
@@ -130,6 +150,14 @@ class DoctorReport:
         lines.append(
             f"  attention calls under CP: {self.attention_calls}, through the CP mechanism: {self.mechanism_calls}"
         )
+        if self.mixers:
+            lines.append(f"  sequence mixers hooked: {len(self.mixers)}")
+            lines += [f"    {name}" for name in self.mixers]
+            lines.append(
+                f"  mixer forwards under CP: {self.mixer_calls}, wholly through CP: {self.mixer_calls_through_cp}"
+            )
+        if self.first_divergence:
+            lines.append(f"  first differing module: {self.first_divergence}")
         if self.error:
             lines.append(f"  CP run stopped with: {self.error}")
             runnable = ", ".join(f"cp_mode='{mode}'" for mode in self.runnable_modes) or "none"
@@ -227,6 +255,9 @@ _WRONG_LOSS_CAUSES = {
 
 def _error_cause(message: str) -> str | None:
     for needle, cause in (
+        ("Sequence mixer", "local_mixer"),
+        ("mixer_mode=", "local_mixer"),
+        ("mixer all-to-all", "local_mixer"),
         ("sliding window", "masked_attention"),
         ("is not causal", "masked_attention"),
         ("without `position_ids`", "missing_position_ids"),
@@ -260,6 +291,7 @@ def _doctor_worker(
     torch.manual_seed(0)
     model = model_factory()
     reference = copy.deepcopy(model)
+    reference_outputs = _record_module_outputs(reference)
     reference_loss = loss_fn(reference, _reference_batch(batch, shift_labels))
     reference_loss.backward()
     reference_grads = {n: p.grad.clone() for n, p in reference.named_parameters() if p.grad is not None}
@@ -286,16 +318,24 @@ def _doctor_worker(
             captured["logits"] = logits.detach()
 
     model.register_forward_hook(capture_logits)
+    cp_outputs = _record_module_outputs(model)
     result: dict[str, Any] = {"reference_loss": float(reference_loss.detach()), "attention_modules": attention_modules}
     _cp_session = session
-    with ledger.counting() as calls:  # counts up to a failure too
+    with ledger.counting() as calls, mixer_switch.counting() as mixer_calls:  # counts up to a failure too
         try:
             session.prepare_model(model)
+            result["mixers"] = list(find_sequence_mixers(model))
             result["mechanism"] = session.describe_attention()
             local = dict(batch)
             with session.step(local):
                 loss = loss_fn(model, local)
                 loss.backward()
+                gathered = [(name, session.gather_outputs(output)) for name, output in cp_outputs]
+            divergence = _first_divergence(reference_outputs, gathered)
+            if divergence is not None:
+                name, difference = divergence
+                kind = type(model.get_submodule(name)).__name__
+                result["first_divergence"] = f"`{name}` ({kind}): relative difference {difference:.1e}"
             average_replicated_gradients(model, data_context_mesh)
             result["loss"] = float(loss.detach())
             result["grad_differences"] = _relative_grad_differences(model, reference_grads)
@@ -308,7 +348,40 @@ def _doctor_worker(
         finally:
             _cp_session = None
     result["calls"] = calls
+    result["mixer_calls"] = mixer_calls
     return result
+
+
+def _record_module_outputs(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Keep, in execution order (inner modules first), every submodule's sequence output (batch first)."""
+    outputs: list[tuple[str, torch.Tensor]] = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+
+        def keep(module: nn.Module, args: Any, output: Any, name: str = name) -> None:
+            first = output[0] if isinstance(output, tuple) and output else output
+            if isinstance(first, torch.Tensor) and first.ndim >= 3 and first.is_floating_point():
+                outputs.append((name, first.detach()))
+
+        module.register_forward_hook(keep)
+    return outputs
+
+
+def _first_divergence(
+    reference: list[tuple[str, torch.Tensor]], cp: list[tuple[str, torch.Tensor]], rtol: float = 1e-4
+) -> tuple[str, float] | None:
+    """The first module (in execution order) whose gathered CP output differs from the plain run's, and by how much."""
+    for (name, expected), (cp_name, got) in zip(reference, cp, strict=False):
+        if name != cp_name:
+            return None  # the runs took different paths: nothing to pair
+        if expected.shape != got.shape:
+            continue  # e.g. rotary tables for [1, S] positions without CP, [B, S] with
+
+        difference = float((expected - got).abs().max() / expected.abs().max().clamp(min=1e-12))
+        if difference > rtol:
+            return name, difference
+    return None
 
 
 def check(
@@ -392,6 +465,10 @@ def _verdict(
         attention_modules=first["attention_modules"],
         attention_calls=calls["attention"],
         mechanism_calls=calls["through_cp"],
+        mixers=first.get("mixers", []),
+        mixer_calls=first["mixer_calls"]["mixers"],
+        mixer_calls_through_cp=first["mixer_calls"]["through_cp"],
+        first_divergence=first.get("first_divergence"),
         mechanism=first.get("mechanism", ""),
         runnable_modes=first.get("runnable_modes", []),
         error=first.get("error"),
@@ -400,7 +477,9 @@ def _verdict(
     if report.error is not None:
         cause = _error_cause(report.error)
         causes += [cause] if cause else []
-    if report.error is None and (calls["through_cp"] < calls["attention"] or calls["through_cp"] == 0):
+    if report.error is None and report.attention_modules and (
+        calls["through_cp"] < calls["attention"] or calls["through_cp"] == 0
+    ):
         causes.append("local_attention")
     if report.loss_cp is not None:
         loss_ok = all(
@@ -414,6 +493,8 @@ def _verdict(
                 cause = _WRONG_LOSS_CAUSES.get(closest_loss(result["loss"], result.get("fingerprints", [])) or "")
                 if cause is not None and cause not in causes:
                     causes.append(cause)
+        if not report.exact and not causes and report.first_divergence is not None:
+            causes.append("unhooked_mixing")
     if load_balance and seq_len % (2 * cp_size):
         causes.append("padded_sequence")
     report.causes = causes

@@ -49,6 +49,9 @@ from lightning_cp.mesh import (
     mesh_size,
     split_context_parallel,
 )
+from lightning_cp.mixers.exchange import packed_exchange, unpacked_exchange
+from lightning_cp.mixers.hooks import plan_hooked_mixers, with_mixers
+from lightning_cp.mixers.mode import validate_mixer_mode
 from lightning_cp.session import attention_context
 from lightning_cp.sharding.batch import (
     default_position_ids,
@@ -163,6 +166,7 @@ def make_cp_batch_and_ctx(
     enable_loss_parallel: bool = False,
     cp_mode: str = "auto",
     ulysses_size: int | None = None,
+    mixer_mode: str = "auto",
 ) -> tuple[Callable[[], AbstractContextManager[None]], dict[str, Any]]:
     """Shard ``batch`` for this rank's CP shard and return ``(train_ctx, sharded_batch)``.
 
@@ -192,7 +196,8 @@ def make_cp_batch_and_ctx(
     ``cp_mode`` picks the mechanism (:mod:`lightning_cp.cp_mode`): ``"auto"`` decides from the attention
     modules hooked in this process (:func:`~lightning_cp.hooks.attach_context_parallel_hooks`), the ring
     when none are; ``ulysses_size`` sets the Ulysses group of ``"hybrid"``. The batch layout is the same
-    for every mechanism.
+    for every mechanism. ``mixer_mode`` picks the mechanism of the hooked sequence mixers that are not
+    attention (:mod:`lightning_cp.mixers.mode`; ``"auto"`` decides per layer).
     """
     cp_mesh = cp_submesh(device_mesh)
     make_batch_fn, batch = _split_make_batch_fn(batch)
@@ -200,6 +205,7 @@ def make_cp_batch_and_ctx(
         tp_mesh = find_submesh(device_mesh, TP_DIM_NAMES)
         return make_batch_fn(cp_mesh, tp_mesh, batch, loss_mask=loss_mask, padding_token_id=padding_token_id)
     validate_cp_mode(cp_mode, ulysses_size)
+    validate_mixer_mode(mixer_mode)
     no_cp_ctx = _no_cp_context(enable_loss_parallel)
     if use_te:
         te_batch = make_cp_batch_for_te(
@@ -217,6 +223,7 @@ def make_cp_batch_and_ctx(
     cp_size, cp_rank = cp_mesh.size(), cp_mesh.get_local_rank()
     tp_size = mesh_size(find_submesh(device_mesh, TP_DIM_NAMES))
     mechanism = _hooked_models_mechanism(cp_size, tp_size, cp_mode, ulysses_size)
+    mixer_plan = plan_hooked_mixers(cp_size, mixer_mode)
     layout = None
     seq_len = batch[primary_input_key(batch)].size(1)
     if is_packed(batch):
@@ -243,8 +250,14 @@ def make_cp_batch_and_ctx(
             rotate_method=rotate_method,
             global_seq_len=span,
         )
+        if mixer_plan.mechanisms:
+            attend = with_mixers(attend, mixer_exchange)
         return get_train_context(enable_loss_parallel, False, attend)()
 
+    if layout is not None:
+        mixer_exchange = packed_exchange(cp_mesh.get_group(), cp_rank, layout)
+    else:
+        mixer_exchange = unpacked_exchange(cp_mesh.get_group(), cp_size, cp_rank, seq_len, padded_len, load_balance)
     return train_ctx, sharded
 
 

@@ -32,6 +32,7 @@ from lightning_cp.attention.interface import (
 from lightning_cp.attention.switch import active_context_parallel
 from lightning_cp.attention.ulysses import ULYSSES_ATTN_IMPLEMENTATIONS
 from lightning_cp.mixers.detect import is_sequence_mixer
+from lightning_cp.mixers.hooks import attach_mixer_hooks
 from lightning_cp.validation import ContextParallelInputError
 
 #: Every attention module hooked in this process (for ``cp_mode="auto"`` of the functional API).
@@ -220,9 +221,11 @@ def attach_context_parallel_hooks(model: nn.Module) -> list[str]:
     and a module whose forward ends without attention going through the mechanism raises. Mode-agnostic:
     what a mechanism cannot run (eager attention under the ring, say) is refused when it runs. A model
     with attention modules CP cannot reach at all (hand-written attention, as Bloom's) is refused here.
-    Also makes the outermost modules that take ``position_ids`` refuse to run under CP without them:
-    positions made by the model would restart at 0 in every shard. Returns the names of the attention
-    modules hooked (attaching twice is harmless: a module is hooked once). Raises a
+    Sequence mixers that are not attention (gated delta nets, Mamba scans, causal convolutions) are hooked
+    too (:func:`~lightning_cp.mixers.hooks.attach_mixer_hooks`): under CP each runs by the mechanism
+    chosen for it, or stops. Also makes the outermost modules that take ``position_ids`` refuse to run under
+    CP without them: positions made by the model would restart at 0 in every shard. Returns the names of
+    the attention modules hooked (attaching twice is harmless: a module is hooked once). Raises a
     ``ContextParallelInputError`` (a ``ValueError``) for a model whose attention no mechanism can run.
     """
     for module in _outermost_position_aware_models(model):
@@ -230,6 +233,7 @@ def attach_context_parallel_hooks(model: nn.Module) -> list[str]:
             parameters = list(inspect.signature(module.forward).parameters)
             module._lightning_cp_position_index = parameters.index("position_ids")
             module.register_forward_pre_hook(_require_position_ids, with_kwargs=True)
+    attach_mixer_hooks(model)  # sequence mixers that are not attention: lightning_cp.mixers
     modules = find_attention_modules(model)
     _refuse_unreachable(model, modules)
     for name, module in modules.items():

@@ -10,6 +10,8 @@ through CP, or it raises: it would have mixed only its own shard. Outside CP the
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -17,8 +19,10 @@ from torch import nn
 
 from lightning_cp.mixers import switch
 from lightning_cp.mixers.detect import find_sequence_mixers, mixer_traits
+from lightning_cp.mixers.exchange import MixerExchange
 from lightning_cp.mixers.heads import route_mixer_functions
-from lightning_cp.mixers.mode import MixerPlan
+from lightning_cp.mixers.mode import MixerPlan, choose_mixer_mechanisms
+from lightning_cp.mixers.switch import mixers_on
 from lightning_cp.mixers.whole_sequence import whole_sequence_hook, whole_sequence_pre_hook
 from lightning_cp.validation import ContextParallelInputError
 
@@ -132,3 +136,18 @@ def refuse_mixers_with_transformer_engine(model: nn.Module) -> None:
             " runs mixers only with its own attention mechanisms. Pass `transformer_engine=False` (TE attention"
             " is then not used under CP) or train without context parallelism."
         )
+
+
+def plan_hooked_mixers(cp_size: int, mixer_mode: str) -> MixerPlan:
+    """Choose and apply the mechanism of every mixer hooked in this process (the functional API's way)."""
+    mixers = hooked_mixers()
+    plan = choose_mixer_mechanisms([mixer_traits(name, module) for name, module in mixers.items()], cp_size, mixer_mode)
+    apply_mixer_plan(mixers, plan)
+    return plan
+
+
+@contextmanager
+def with_mixers(context: AbstractContextManager[None], exchange: MixerExchange) -> Iterator[None]:
+    """``context`` (the attention's) with the sequence mixers running through CP over ``exchange``."""
+    with context, mixers_on(exchange):
+        yield
