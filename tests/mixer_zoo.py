@@ -14,12 +14,14 @@ attention has 4 query over 2 key/value heads (kimi_linear's MLA: 4 over 4), and 
 channel count divisible by 4 with the family's default kernel width. Mamba-2 chunks and MiniMax blocks are
 ``CHUNK`` tokens long, so that the 64-130 token sequences of the tests span several of them.
 
-The default initialisations of several families decay their recurrent state within a few tokens (for example
-qwen3_next's ``A`` is drawn from [0.01, 16] with a softplus(1) time step, bamba's ``dt_bias`` is 1 with ``A`` up to
-the head count), so that a test comparing sharded against unsharded runs would barely see the state carried from
-one shard to the next. :func:`build_mixer_model` therefore redraws the decay parameters of those mixers (from the
-seed) as real checkpoints have them: per-token decays between about 0.9 and 0.9999, so that token 0 still visibly
-moves the logits at position 63 and beyond.
+The default initialisations of most families forget within a few tokens (qwen3_next's ``A`` is drawn from
+[0.01, 16] with a softplus(1) time step; bamba's ``dt_bias`` is 1 with ``A`` up to the head count) or drown the state
+in the ``D`` skip connection (Hugging Face's normal(0, 0.02) projections make Mamba's B, C and x tiny), so that a test
+comparing sharded with unsharded runs would barely see the state carried from one shard to the next.
+:func:`build_mixer_model` therefore redraws those mixers' decays (from the seed) and gives Mamba's input projections
+and convolutions the Mamba reference initialisation: with the softmax attention switched off, changing token 0 moves
+the logits at position 63 by 0.2%-11% for seed 0 (lfm2's 3-token convolutions excepted). Every config sets
+``use_cache=False``: with a cache, the train-mode forward takes the mixers' cached (inference) path.
 """
 
 from __future__ import annotations
@@ -50,10 +52,11 @@ _ATTENTION = dict(
     use_cache=False,
 )
 
-#: The per-token time step range (after softplus) the decay parameters are redrawn from; with ``A`` in
-#: ``_A_RANGE`` the per-token decay ``exp(-A * dt)`` lies between about 0.9 and 0.9999.
-_DT_RANGE = (0.001, 0.05)
-_A_RANGE = (0.1, 2.0)
+#: The ranges the decay parameters of the recurrent mixers are drawn from: ``A`` uniform in ``_A_RANGE``, the
+#: per-token time step (after softplus) log-uniform in ``_DT_RANGE``. The per-token decay ``exp(-A * dt)`` then lies
+#: between 0.95 and 0.9995, so a head keeps between 4% and 97% of its state over 63 tokens.
+_A_RANGE = (0.05, 0.5)
+_DT_RANGE = (0.01, 0.1)
 
 #: Mamba-2 fields shared by bamba, granitemoehybrid and falcon_h1: 8 heads of 16 channels, one group of 16 states,
 #: so the depthwise convolution has 128 + 2 * 16 = 160 channels.
@@ -150,8 +153,6 @@ def _nemotron_h() -> tuple[str, str, dict]:
             n_groups=4,
             ssm_state_size=16,
             chunk_size=CHUNK,
-            time_step_min=_DT_RANGE[0],
-            time_step_max=_DT_RANGE[1],
             hidden_dropout=0.0,
         ),
     )
@@ -175,7 +176,7 @@ def _granitemoehybrid() -> tuple[str, str, dict]:
             **_ATTENTION,
             **_MAMBA2_HYBRID,
             "num_hidden_layers": 2,
-            "layer_types": ["mamba", "attention"],
+            "layer_types": ["linear_attention", "full_attention"],
             "num_local_experts": 0,
             "shared_intermediate_size": 128,
         },
@@ -183,7 +184,10 @@ def _granitemoehybrid() -> tuple[str, str, dict]:
 
 
 def _falcon_h1() -> tuple[str, str, dict]:
-    """Falcon-H1: two layers each running attention and a Mamba-2 mixer (8 heads, one group, conv_dim 160) in parallel."""
+    """Falcon-H1: two layers, each running attention and a Mamba-2 mixer side by side.
+
+    The mixer has 8 heads in one group (conv_dim 160) and no gated RMS norm (the family default).
+    """
     return (
         "FalconH1Config",
         "FalconH1ForCausalLM",
@@ -206,8 +210,6 @@ def _mamba2() -> tuple[str, str, dict]:
             n_groups=4,
             state_size=16,
             chunk_size=CHUNK,
-            time_step_min=_DT_RANGE[0],
-            time_step_max=_DT_RANGE[1],
             pad_token_id=0,
             bos_token_id=0,
             eos_token_id=0,
@@ -266,7 +268,7 @@ def _recurrent_gemma() -> tuple[str, str, dict]:
 
 
 def _kimi_linear() -> tuple[str, str, dict]:
-    """Kimi Linear: a Kimi delta attention layer (4 heads of 16, conv_dim 192), then an MLA layer (4 heads); dense MLPs."""
+    """Kimi Linear: a Kimi delta attention layer (4 heads of 16, conv_dim 192), then MLA (4 heads); dense MLPs."""
     return (
         "KimiLinearConfig",
         "KimiLinearForCausalLM",
@@ -358,34 +360,52 @@ def _inverse_softplus(x: torch.Tensor) -> torch.Tensor:
     return x + torch.log(-torch.expm1(-x))
 
 
-@torch.no_grad()
-def _redraw_decays(model: PreTrainedModel, generator: torch.Generator) -> None:
-    """Give every gated delta net / Mamba-2 / Kimi mixer long-lived state: ``A`` in ``_A_RANGE``, dt in ``_DT_RANGE``.
+def _uniform_fan_in_(weight: torch.Tensor, generator: torch.Generator) -> None:
+    """PyTorch's default ``nn.Linear`` / ``nn.Conv1d`` initialisation: uniform in +-1/sqrt(fan_in)."""
+    bound = 1.0 / math.sqrt(weight[0].numel())
+    weight.uniform_(-bound, bound, generator=generator)
 
-    The mixers compute per-head (Kimi: per-channel) decays ``exp(-exp(A_log) * softplus(a + dt_bias))`` from these two
-    parameters; Jamba's Mamba-1 keeps its ``A = 1..d_state`` and gets the Mamba time-step bias in ``dt_proj.bias``.
+
+@torch.no_grad()
+def _redraw_mixers(model: PreTrainedModel, generator: torch.Generator) -> None:
+    """Give the gated delta net, Kimi delta, Mamba-2 and Mamba-1 mixers of ``model`` long-lived, visible state.
+
+    * decays: ``A_log`` and ``dt_bias`` (the per-head, for Kimi per-channel, decay ``exp(-exp(A_log) *
+      softplus(a + dt_bias))``) get ``A`` in ``_A_RANGE`` and a time step in ``_DT_RANGE``; Mamba-1 keeps its
+      ``A = 1..d_state`` and gets the time step in ``dt_proj.bias``.
+    * Mamba mixers: ``in_proj``, ``x_proj`` and ``conv1d`` get PyTorch's default initialisation (the Mamba reference
+      code's) instead of Hugging Face's normal(0, 0.02), under which B, C and x are so small that the ``D`` skip
+      connection drowns the state (token 0 then moves position 63 by ~1e-7).
     """
     for module in model.modules():
         A_log = getattr(module, "A_log", None)
-        if isinstance(A_log, torch.nn.Parameter) and hasattr(module, "dt_proj"):  # Mamba-1: per-channel time step
+        if not isinstance(A_log, torch.nn.Parameter):
+            continue
+        if hasattr(module, "ssm_state_size"):  # a Mamba-1 or Mamba-2 mixer
+            for name in ("in_proj", "x_proj", "conv1d"):
+                if hasattr(module, name):
+                    _uniform_fan_in_(getattr(module, name).weight, generator)
+        if hasattr(module, "dt_proj"):  # Mamba-1: per-channel time step bias, A = 1..d_state per channel
             dt = _log_uniform(*_DT_RANGE, module.dt_proj.bias.shape, generator)
             module.dt_proj.bias.copy_(_inverse_softplus(dt))
-        elif isinstance(A_log, torch.nn.Parameter) and isinstance(getattr(module, "dt_bias", None), torch.Tensor):
-            A = torch.empty(A_log.shape).uniform_(*_A_RANGE, generator=generator)
-            A_log.copy_(A.log())
+        else:
+            A_log.copy_(torch.empty(A_log.shape).uniform_(*_A_RANGE, generator=generator).log())
             dt = _log_uniform(*_DT_RANGE, module.dt_bias.shape, generator)
             module.dt_bias.copy_(_inverse_softplus(dt))
 
 
-#: Families whose default initialisation forgets within a few tokens (and has no config field to change that).
-_REDRAW_DECAYS = frozenset({"qwen3_next", "qwen3_5", "bamba", "granitemoehybrid", "falcon_h1", "jamba", "kimi_linear"})
+#: Families whose default initialisation forgets within a few tokens, or drowns the state, and has no config fields
+#: to change that (olmo_hybrid's decay ranges are config fields, set in :func:`_olmo_hybrid`).
+_REDRAW_MIXERS = frozenset(
+    {"qwen3_next", "qwen3_5", "nemotron_h", "bamba", "granitemoehybrid", "falcon_h1", "mamba2", "jamba", "kimi_linear"}
+)
 
 
 def build_mixer_model(name: str, seed: int = 0, **overrides: object) -> PreTrainedModel:
     """A tiny fp32 causal LM of mixer family ``name`` (one of :data:`MIXER_NAMES`) with deterministic weights.
 
     ``overrides`` replace config fields. The model is built after ``torch.manual_seed(seed)`` (and the decay
-    parameters of the families in ``_REDRAW_DECAYS`` redrawn from a generator seeded with ``seed``), so every rank
+    parameters of the families in ``_REDRAW_MIXERS`` redrawn from a generator seeded with ``seed``), so every rank
     building it with the same seed gets the same weights. It is returned in train mode, the mode whose mixer code
     path training takes (there is no dropout).
     """
@@ -396,6 +416,6 @@ def build_mixer_model(name: str, seed: int = 0, **overrides: object) -> PreTrain
     config = config_cls(**{**kwargs, **overrides})
     torch.manual_seed(seed)
     model = model_cls(config).float()
-    if name in _REDRAW_DECAYS:
-        _redraw_decays(model, torch.Generator().manual_seed(seed))
+    if name in _REDRAW_MIXERS:
+        _redraw_mixers(model, torch.Generator().manual_seed(seed))
     return model.train()

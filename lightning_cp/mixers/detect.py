@@ -26,7 +26,6 @@ _STATE_SPACE_PARAMETERS = ("A_log", "dt_bias")
 _MIXER_CLASS_HINTS = (
     "GatedDeltaNet",
     "DeltaAttention",
-    "LinearAttention",
     "LightningAttention",
     "Rglru",
     "RgLru",
@@ -62,7 +61,9 @@ def _looks_like_mixer(module: nn.Module) -> bool:
         return True
     if any(name in _STATE_SPACE_PARAMETERS for name, _ in module.named_parameters(recurse=False)):
         return True
-    if any(hint in type(module).__name__ for hint in _MIXER_CLASS_HINTS):
+    name = type(module).__name__
+    # a decoder layer named after its mixer (OlmoHybridLinearAttentionDecoderLayer) holds the mixer: not one itself
+    if any(hint in name for hint in _MIXER_CLASS_HINTS) and not name.endswith(("DecoderLayer", "Model")):
         return True
     return bool(_functions_called(module))
 

@@ -1,0 +1,200 @@
+"""Sequence mixers that are not attention under CP: exact (loss and every gradient) or refused on every rank.
+
+Every family of :mod:`mixer_zoo` (gated delta nets, Mamba-2, Mamba-1, short convolutions, RG-LRU, Kimi delta
+and lightning attention) runs on real gloo ranks against one plain process, each mixer by the mechanism
+``mixer_mode`` picks for it; the cases of one world size share one set of processes.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from distributed_harness import run_on_ranks
+from mixer_zoo import MIXER_NAMES, build_mixer_model
+
+from lightning_cp.mesh import build_device_mesh, resolve_layout
+from lightning_cp.mixers import heads
+from lightning_cp.mixers.detect import find_sequence_mixers, mixer_traits
+from lightning_cp.mixers.mode import MixerPlan, choose_mixer_mechanisms
+from lightning_cp.session import ContextParallelSession
+from lightning_cp.strategies.gradients import average_replicated_gradients
+from lightning_cp.validation import ContextParallelInputError
+
+#: Loss and gradient tolerances of the parity cases (fp32).
+RTOL_LOSS, RTOL_GRAD = 1e-5, 1e-4
+
+
+def _batch(seq_len: int, packed: bool) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, 128, (2, seq_len), generator=generator)
+    batch = {"input_ids": input_ids, "labels": input_ids.clone()}
+    if packed:  # three documents per row, positions restarting at each
+        lengths = [seq_len // 2, seq_len // 4, seq_len - seq_len // 2 - seq_len // 4]
+        batch["position_ids"] = torch.cat([torch.arange(n) for n in lengths]).expand(2, -1).contiguous()
+        # no target across a document boundary (CP drops it; the plain model's shift would keep it)
+        batch["labels"][:, batch["position_ids"][0] == 0] = -100
+    return batch
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+
+
+def _case(rank: int, world_size: int, family: str, mixer_mode: str, seq_len: int, packed: bool, bypass: str) -> dict:
+    """One family on the ranks: the plain run, the CP run, the worst relative gradient difference."""
+    torch.manual_seed(0)
+    model = build_mixer_model(family)
+    reference = copy.deepcopy(model)
+    batch = _batch(seq_len, packed)
+    plain = reference(**batch)
+    plain.loss.backward()
+    mesh, data_context = build_device_mesh(resolve_layout(world_size, world_size, 1, 1), torch.device("cpu"))
+    session = ContextParallelSession(mesh, data_context, mixer_mode=mixer_mode)
+    try:
+        session.prepare_model(model)
+    except ContextParallelInputError as error:
+        return {"refused": str(error)}
+    line = session.describe_attention()
+    if bypass == "mechanism":  # negative control: the mixers run on their own shards
+        session.mixer_plan = MixerPlan({}, {}, {})
+    local = dict(batch)
+    try:
+        with session.step(local):
+            loss = model(**local).loss
+            loss.backward()
+    except ContextParallelInputError as error:
+        return {"refused": str(error)}
+    average_replicated_gradients(model, data_context)
+    grads = {
+        name: _relative(parameter.grad, reference.get_parameter(name).grad)
+        for name, parameter in model.named_parameters()
+        if parameter.grad is not None and reference.get_parameter(name).grad is not None
+    }
+    worst = max(grads, key=grads.get)
+    missing = [n for n, p in reference.named_parameters() if p.grad is not None and n not in grads]
+    return {
+        "loss": _relative(loss.detach(), plain.loss.detach()),
+        "grad": grads[worst],
+        "worst": worst,
+        "missing": missing,
+        "line": line,
+    }
+
+
+def _cases(rank: int, world_size: int, cases: list[tuple]) -> dict:
+    results = {}
+    for case in cases:
+        if case[-1] == "no_reorder":  # negative control: all-to-all output taken in rank order, not sequence order
+            saved = heads.ordered_from_rank_order, heads.rank_order_from_ordered
+            heads.ordered_from_rank_order = lambda t, ex, seq_dim=1: t.narrow(seq_dim, 0, ex.length)
+            heads.rank_order_from_ordered = lambda t, ex, seq_dim=1: torch.nn.functional.pad(
+                t.movedim(seq_dim, -1), (0, ex.order.size(-1) - t.size(seq_dim))
+            ).movedim(-1, seq_dim)
+            try:
+                results[case] = _case(rank, world_size, *case[:-1], "none")
+            finally:
+                heads.ordered_from_rank_order, heads.rank_order_from_ordered = saved
+        else:
+            results[case] = _case(rank, world_size, *case)
+    return results
+
+
+#: (family, mixer_mode, seq_len, packed, bypass) at cp=2: every family by "auto", the all-to-all families also
+#: by "gather", packed rows, a sequence that is padded, and the negative controls.
+CP2_CASES = [
+    *[(family, "auto", 64, False, "none") for family in MIXER_NAMES],
+    *[(family, "gather", 64, False, "none") for family in ("qwen3_next", "nemotron_h", "lfm2")],
+    *[(family, "auto", 64, True, "none") for family in ("qwen3_5", "bamba", "lfm2", "jamba", "recurrent_gemma")],
+    ("mamba2", "auto", 61, False, "none"),
+    ("qwen3_next", "auto", 64, False, "mechanism"),
+    ("mamba2", "auto", 64, False, "mechanism"),
+    ("qwen3_next", "all_to_all", 64, False, "no_reorder"),
+    ("jamba", "all_to_all", 64, False, "none"),
+]
+#: Families whose every mixer the all-to-all runs (the rest are gathered under "auto").
+ALL_TO_ALL = {"qwen3_next", "qwen3_5", "olmo_hybrid", "nemotron_h", "bamba", "granitemoehybrid", "falcon_h1", "mamba2",
+              "lfm2"}
+
+
+@pytest.fixture(scope="module")
+def cp2_results() -> dict:
+    return run_on_ranks(_cases, CP2_CASES, world_size=2, timeout=600)
+
+
+@pytest.mark.parametrize("case", [c for c in CP2_CASES if c[-1] == "none" and c[1] != "all_to_all"], ids=str)
+def test_mixer_parity_cp2(cp2_results: list[dict], case: tuple) -> None:
+    for rank_results in cp2_results:
+        result = rank_results[case]
+        assert "refused" not in result, result.get("refused")
+        assert result["loss"] <= RTOL_LOSS
+        assert result["grad"] <= RTOL_GRAD, f"{result['worst']}: {result['grad']:.1e}"
+        assert not result["missing"]
+    family, mode = case[0], case[1]
+    expected = "all_to_all" if mode == "auto" and family in ALL_TO_ALL else "gather"
+    assert f"by {expected}" in cp2_results[0][case]["line"]
+
+
+@pytest.mark.parametrize("case", [c for c in CP2_CASES if c[-1] in ("mechanism", "no_reorder")], ids=str)
+def test_mixer_negative_controls_fail(cp2_results: list[dict], case: tuple) -> None:
+    """With the mechanism bypassed, or the all-to-all's output in rank order, some gradient is far off."""
+    result = cp2_results[0][case]
+    assert "refused" not in result
+    assert result["grad"] > 1e-2
+
+
+def test_all_to_all_refuses_a_mixer_it_cannot_run_on_every_rank(cp2_results: list[dict]) -> None:
+    for rank_results in cp2_results:
+        message = rank_results[("jamba", "all_to_all", 64, False, "none")]["refused"]
+        assert "model.layers.0.mamba" in message and "mamba_scan_forward" in message and "gather" in message
+
+
+@pytest.mark.slow
+def test_mixer_parity_cp4() -> None:
+    """Four ranks: groups spread (bamba: one group), split (nemotron_h: four), channels, gathered Mamba-1."""
+    cases = [(family, "auto", 64, packed, "none") for family in ("qwen3_next", "nemotron_h", "bamba", "lfm2", "jamba")
+             for packed in (False, True)]
+    for rank_results in run_on_ranks(_cases, cases, world_size=4, timeout=600):
+        for case in cases:
+            result = rank_results[case]
+            assert "refused" not in result, (case, result.get("refused"))
+            assert result["loss"] <= RTOL_LOSS and result["grad"] <= RTOL_GRAD, (case, result)
+
+
+@pytest.mark.parametrize("family", MIXER_NAMES)
+def test_every_mixer_is_found_and_attention_leaves_it_alone(family: str) -> None:
+    from lightning_cp.hooks import attention_like_modules, find_attention_modules
+
+    model = build_mixer_model(family)
+    mixers = find_sequence_mixers(model)
+    assert mixers, family
+    attention = find_attention_modules(model)
+    assert not set(mixers) & set(attention)
+    assert not attention_like_modules(model, attention)  # linear attention is not refused as unreachable
+
+
+def test_models_without_mixers_have_none() -> None:
+    from models import tiny_causal_lm
+
+    assert find_sequence_mixers(tiny_causal_lm("llama")) == {}
+
+
+def test_heads_that_do_not_split_are_gathered_by_auto_and_refused_by_all_to_all() -> None:
+    model = build_mixer_model("qwen3_next", linear_num_value_heads=6, linear_num_key_heads=3)
+    traits = [mixer_traits(name, module) for name, module in find_sequence_mixers(model).items()]
+    plan = choose_mixer_mechanisms(traits, cp_size=4, mixer_mode="auto")
+    assert set(plan.mechanisms.values()) == {"gather"}
+    assert "6 query heads do not split over 4" in plan.describe(4)
+    with pytest.raises(ContextParallelInputError, match=r"sizes that split them: \[1, 3, 6\]"):
+        choose_mixer_mechanisms(traits, cp_size=4, mixer_mode="all_to_all")
+    assert set(choose_mixer_mechanisms(traits, cp_size=3, mixer_mode="all_to_all").mechanisms.values()) == {
+        "all_to_all"
+    }
+
+
+def test_unknown_mixer_mode_is_refused() -> None:
+    from lightning_cp.mixers.mode import validate_mixer_mode
+
+    with pytest.raises(ValueError, match="must be one of"):
+        validate_mixer_mode("ring")
