@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 import transformers
+from mixer_zoo import MIXER_NAMES, build_mixer_model
 from models import TINY_CONFIG
 from transformers import PreTrainedModel
 
@@ -181,7 +182,9 @@ _ZOO: dict[str, Callable[[], tuple[str, str, dict]]] = {
 }
 
 #: Every model name :func:`zoo_model` accepts.
-ZOO_NAMES: tuple[str, ...] = tuple(_ZOO)
+#: Every name :func:`zoo_model` builds: the attention families here and the sequence-mixer families of
+#: :mod:`mixer_zoo` (gated delta nets, Mamba, short convolutions, ...).
+ZOO_NAMES: tuple[str, ...] = tuple(_ZOO) + MIXER_NAMES
 
 
 def zoo_model(name: str, seed: int = 0, **overrides: object) -> PreTrainedModel:
@@ -191,6 +194,8 @@ def zoo_model(name: str, seed: int = 0, **overrides: object) -> PreTrainedModel:
     ``torch.manual_seed(seed)``, so every rank building it with the same seed gets the same weights. It is returned
     in train mode (there is no dropout to make that matter).
     """
+    if name in MIXER_NAMES:  # the test scripts draw tokens below 256
+        return build_mixer_model(name, seed, **{"vocab_size": 256, **overrides})
     if name not in _ZOO:
         raise ValueError(f"unknown zoo model {name!r}; choose one of {', '.join(ZOO_NAMES)}")
     config_name, model_name, kwargs = _ZOO[name]()
