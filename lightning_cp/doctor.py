@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_cp.attention import ledger
+from lightning_cp.attention.interface import uses_attention_interface
 from lightning_cp.cp_mode import attention_traits, runnable_modes, validate_cp_mode
 from lightning_cp.hooks import find_attention_modules
 from lightning_cp.launch import run_on_local_ranks
@@ -121,8 +122,10 @@ class DoctorReport:
     mechanism_calls: int = 0
     #: Which mechanism ran and why (the line the strategies print).
     mechanism: str = ""
-    #: For a model that was refused: the explicit ``cp_mode`` values that would run it.
+    #: For a model refused by the mode asked for: the explicit ``cp_mode`` values that would run it.
     runnable_modes: list[str] = field(default_factory=list)
+    #: For a model no CP mode can run: why (then ``runnable_modes`` is empty).
+    no_mode_reason: str | None = None
     causes: list[str] = field(default_factory=list)
     error: str | None = None
     #: Sequence mixers that are not attention (gated delta nets, Mamba layers, convolutions), hooked.
@@ -160,8 +163,11 @@ class DoctorReport:
             lines.append(f"  first differing module: {self.first_divergence}")
         if self.error:
             lines.append(f"  CP run stopped with: {self.error}")
-            runnable = ", ".join(f"cp_mode='{mode}'" for mode in self.runnable_modes) or "none"
-            lines.append(f"  modes that would run this model at cp={self.cp_size}: {runnable}")
+            if self.no_mode_reason is not None:
+                lines.append(f"  no CP mode can run this model at cp={self.cp_size}: {self.no_mode_reason}")
+            elif self.runnable_modes:
+                runnable = ", ".join(f"cp_mode='{mode}'" for mode in self.runnable_modes)
+                lines.append(f"  modes that would run this model at cp={self.cp_size}: {runnable}")
         lines.append(f"verdict: {'EXACT within tolerance' if self.exact else 'NOT EXACT'}")
         label = "note" if self.exact else "likely cause"
         lines += [f"  {label} [{cause}]: {CAUSES[cause]}" for cause in self.causes]
@@ -273,6 +279,40 @@ def _error_cause(message: str) -> str | None:
     return None
 
 
+#: Why no CP mode runs a model whose attention CP does not reach (the ``local_attention`` refusals).
+_UNREACHABLE_ATTENTION = (
+    "its attention does not go through `torch.nn.functional.scaled_dot_product_attention` (called through the"
+    " module attribute) or transformers' attention interface, and every CP mode (ring, Ulysses, hybrid) runs"
+    " attention only through those; see the error above for the module and how to change it"
+)
+
+
+def _modes_after_refusal(
+    error: str, modules: dict[str, nn.Module], cp_size: int, batch: dict[str, torch.Tensor], ran: str
+) -> tuple[list[str], str | None]:
+    """The explicit modes that would run a model refused with ``error`` under mechanism ``ran``, or why none would.
+
+    Only a refusal about the mode (``mechanism_refused``, ``masked_attention``) or about attention that bypassed
+    the mechanism (``local_attention``) is answered; for any other (missing ``position_ids``, say) the mode is
+    not the question: ``([], None)``. Attention that bypassed the ring is run by Ulysses only when it comes
+    through transformers' attention interface (Ulysses calls that function on whole sequences, whatever SDPA it
+    calls); hand-written or hand-called attention is run by no mode.
+    """
+    cause = _error_cause(error)
+    if cause not in ("mechanism_refused", "masked_attention", "local_attention"):
+        return [], None
+    traits = [attention_traits(name, module) for name, module in modules.items()]
+    modes = runnable_modes(traits, cp_size, batch["input_ids"].size(1)) if traits else []
+    if cause == "local_attention":
+        through_interface = bool(modules) and all(uses_attention_interface(m) for m in modules.values())
+        bypassed = "without any attention call going through it" in error
+        modes = [m for m in modes if m == "ulysses" and ran != "ulysses" and through_interface and bypassed]
+        return modes, None if modes else _UNREACHABLE_ATTENTION
+    if not modes:
+        return [], "ring, Ulysses and every hybrid split were each checked against its attention modules and refuse it"
+    return modes, None
+
+
 def _doctor_worker(
     rank: int,
     world_size: int,
@@ -343,8 +383,8 @@ def _doctor_worker(
                 result["fingerprints"] = wrong_losses(captured["logits"], local["labels"], local["input_ids"])
         except ValueError as err:
             result["error"] = str(err)
-            traits = [attention_traits(name, module) for name, module in modules.items()]
-            result["runnable_modes"] = runnable_modes(traits, world_size, batch["input_ids"].size(1))
+            modes, reason = _modes_after_refusal(str(err), modules, world_size, batch, session.mechanism.name)
+            result["runnable_modes"], result["no_mode_reason"] = modes, reason
         finally:
             _cp_session = None
     result["calls"] = calls
@@ -471,6 +511,7 @@ def _verdict(
         first_divergence=first.get("first_divergence"),
         mechanism=first.get("mechanism", ""),
         runnable_modes=first.get("runnable_modes", []),
+        no_mode_reason=first.get("no_mode_reason"),
         error=first.get("error"),
     )
     causes: list[str] = []

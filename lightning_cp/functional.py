@@ -57,7 +57,7 @@ from lightning_cp.sharding.batch import (
     default_position_ids,
     pad_sequence_field,
     padded_length,
-    primary_input_key,
+    require_one_input,
     shard_cp_batch,
 )
 from lightning_cp.sharding.packing import is_packed, plan_packed_batch, shard_packed_batch
@@ -222,10 +222,10 @@ def make_cp_batch_and_ctx(
         batch = {**batch, "loss_mask": loss_mask}
     cp_size, cp_rank = cp_mesh.size(), cp_mesh.get_local_rank()
     tp_size = mesh_size(find_submesh(device_mesh, TP_DIM_NAMES))
+    seq_len = batch[require_one_input(batch)].size(1)  # refused on every rank before anything else is read
     mechanism = _hooked_models_mechanism(cp_size, tp_size, cp_mode, ulysses_size)
     mixer_plan = plan_hooked_mixers(cp_size, mixer_mode)
     layout = None
-    seq_len = batch[primary_input_key(batch)].size(1)
     if is_packed(batch):
         batch, layout = plan_packed_batch(batch, cp_size, load_balance, require_labels=True, whole_documents=True)
         sharded = shard_packed_batch(batch, layout, cp_rank, padding_token_id=padding_token_id)

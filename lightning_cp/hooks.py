@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import inspect
+import sys
 import weakref
 from typing import Any
 
@@ -85,6 +86,36 @@ def attention_like_modules(model: nn.Module, found: dict[str, nn.Module]) -> dic
     return others
 
 
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+
+
+def _owner_of(model: nn.Module, names: list[str]) -> str:
+    """The model that owns the modules ``names`` of ``model``, as a user would name it, e.g. ``BloomForCausalLM``.
+
+    The outermost Hugging Face model on the way from ``model`` to the modules' common parent (a LightningModule
+    holding a ``BloomForCausalLM`` names the latter), else that common parent itself, containers skipped;
+    with the path from ``model`` when it is not ``model`` itself.
+    """
+    parts = [name.split(".") for name in names]
+    common: list[str] = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    path = [".".join(common[:depth]) for depth in range(len(common))]  # the parents only, never a module itself
+    chain = [(name, model.get_submodule(name)) for name in path]
+    hf = [(name, module) for name, module in chain if _is_hf_model(module)]
+    owner_name, owner = hf[0] if hf else next(
+        ((name, module) for name, module in reversed(chain) if not isinstance(module, _CONTAINERS)), ("", model)
+    )
+    return type(owner).__name__ + (f" (`{owner_name}`)" if owner_name else "")
+
+
+def _is_hf_model(module: nn.Module) -> bool:
+    transformers = sys.modules.get("transformers")  # a model of its classes exists only once it was imported
+    return transformers is not None and isinstance(module, transformers.PreTrainedModel)
+
+
 def _refuse_unreachable(model: nn.Module, found: dict[str, nn.Module]) -> None:
     """Refuse a model whose attention CP cannot reach: it would attend only inside each rank's shard."""
     unreachable = attention_like_modules(model, found)
@@ -92,8 +123,9 @@ def _refuse_unreachable(model: nn.Module, found: dict[str, nn.Module]) -> None:
         return
     listed = ", ".join(f"`{name}` ({type(module).__name__})" for name, module in list(unreachable.items())[:4])
     more = f" and {len(unreachable) - 4} more" if len(unreachable) > 4 else ""
+    owner = _owner_of(model, list(unreachable))
     raise ContextParallelInputError(
-        f"{type(model).__name__} has attention modules that context parallelism cannot reach: {listed}{more}."
+        f"{owner} has attention modules that context parallelism cannot reach: {listed}{more}."
         " They compute attention by hand (e.g. ALiBi attention in Bloom or MPT), not through"
         " `F.scaled_dot_product_attention` or transformers' attention interface, so under CP each rank would"
         " attend only inside its own shard: the loss would look right and the gradients would be wrong. No CP"

@@ -150,12 +150,25 @@ class LossWatch:
         if isinstance(loss, DTensor):
             return None
         value = float(loss.detach())
+        if self.label_count is not None and int(self.label_count) == 0:
+            return self._no_targets_warning(value)
         candidates: Candidates = [(TOKEN_CORRECT, right) for right in self.token_correct]
         if self.logits is not None:
             candidates += wrong_losses(self.logits, self.labels, self.input_ids, self.label_count)
         rtol = max(1e-5, 4 * torch.finfo(loss.dtype).eps) if loss.is_floating_point() else 1e-5
         match = closest_loss(value, candidates, rtol)
         return None if match == TOKEN_CORRECT else self._warning(match, value, model_loss, helper)
+
+    def _no_targets_warning(self, value: float) -> str:
+        """The micro-batch has no target token at all: no loss is right or wrong, the batch is what to look at."""
+        return (
+            f"lightning_cp: this training step's micro-batch has no target tokens: all its labels are"
+            f" {IGNORE_INDEX} (ignored) on every one of the {self.ranks} data × context ranks, e.g. sequences of"
+            " one token, whose only label is dropped by the shift to next-token targets. Its loss is"
+            f" {value:.6g} (0 / 0 when it is a mean over targets), as it would be without context parallelism,"
+            " and its gradients carry no signal. Give every micro-batch at least one label that is not"
+            f" {IGNORE_INDEX} (sequences of two tokens or more), or leave such batches out."
+        )
 
     def _warning(self, match: str | None, value: float, model_loss: str, helper: str) -> str:
         """What is wrong with a loss recognised as ``match`` (``None``: not recognised), and what to use instead."""

@@ -55,14 +55,21 @@ def validate_size(name: str, value: Size) -> None:
 
 
 def resolve_layout(
-    world_size: int, cp_size: Size, data_parallel_size: Size, tensor_parallel_size: Size
+    world_size: int,
+    cp_size: Size,
+    data_parallel_size: Size,
+    tensor_parallel_size: Size,
+    *,
+    world_origin: str = "",
 ) -> ParallelLayout:
     """Fill in ``"auto"`` sizes and check that data × context × tensor parallel equals the world size.
 
     ``"auto"`` takes whatever the explicit sizes leave: the context-parallel size first (all ranks
     not used by data and tensor parallelism), else the data-parallel size. Tensor parallel ``"auto"``
-    means 1.
+    means 1. ``world_origin`` says where the world size comes from in messages (e.g.
+    ``"devices=2 × num_nodes=1"``).
     """
+    world = f"{world_size} processes: {world_origin}" if world_origin else f"{world_size} processes"
     for name, value in (("cp_size", cp_size), ("data_parallel_size", data_parallel_size)):
         validate_size(name, value)
     validate_size("tensor_parallel_size", tensor_parallel_size)
@@ -74,14 +81,14 @@ def resolve_layout(
         cp = cp_size
         if world_size % cp:
             raise ValueError(
-                f"cp_size={cp} does not divide the world size ({world_size} processes). Choose a cp_size that"
+                f"cp_size={cp} does not divide the world size ({world}). Choose a cp_size that"
                 " divides the number of devices × nodes, or change `devices`."
             )
         dp = world_size // (cp * tp) if data_parallel_size == "auto" else data_parallel_size
     if dp * cp * tp != world_size or cp < 1:
         raise ValueError(
             f"data_parallel_size × cp_size × tensor_parallel_size = {dp} × {cp} × {tp} does not equal the world"
-            f" size ({world_size} processes). Set the sizes so that their product is {world_size}, or leave"
+            f" size ({world}). Set the sizes so that their product is {world_size}, or leave"
             " data_parallel_size='auto'."
         )
     return ParallelLayout(dp, cp, tp)

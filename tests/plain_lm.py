@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.functional import scaled_dot_product_attention as sdpa_imported_by_name
 
 from lightning_cp.doctor import token_correct_loss
 
@@ -68,6 +69,28 @@ class PlainCausalLM(nn.Module):
         for layer in self.layers:
             hidden = layer(hidden)
         return self.head(self.norm(hidden))
+
+
+class SelfAttentionCallingSdpaByName(SelfAttention):
+    """The same attention calling an SDPA imported by name: no CP mode reaches it (it never sees CP's function)."""
+
+    def forward(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, is_causal: bool = True
+    ) -> torch.Tensor:
+        batch, seq, dim = hidden.shape
+        q, k, v = self.qkv(hidden).view(batch, seq, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        out = sdpa_imported_by_name(q, k, v, attn_mask=attention_mask, is_causal=is_causal)
+        return self.out(out.transpose(1, 2).reshape(batch, seq, dim))
+
+
+def plain_lm_with_sdpa_imported_by_name() -> PlainCausalLM:
+    """:func:`plain_causal_lm` whose attention calls SDPA imported by name (a model CP cannot run)."""
+    model = plain_causal_lm()
+    for layer in model.layers:
+        attention = SelfAttentionCallingSdpaByName(layer.self_attn.out.in_features, layer.self_attn.heads)
+        attention.load_state_dict(layer.self_attn.state_dict())
+        layer.self_attn = attention
+    return model
 
 
 def plain_causal_lm() -> PlainCausalLM:

@@ -88,6 +88,23 @@ def test_hand_written_alibi_attention_is_refused_at_attach_time(name, module):
         attach_context_parallel_hooks(zoo_model(name))
 
 
+def test_unreachable_attention_names_the_hugging_face_model_not_the_lightning_module():
+    """Issue 26: the refusal named the LightningModule class (``M``) that holds the Bloom model."""
+    import lightning as L
+
+    class M(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = zoo_model("bloom")
+
+    with pytest.raises(ContextParallelInputError) as refusal:
+        attach_context_parallel_hooks(M())
+    assert str(refusal.value).startswith(
+        "BloomForCausalLM (`model`) has attention modules that context parallelism cannot reach:"
+        " `model.transformer.h.0.self_attention` (BloomAttention)"
+    )
+
+
 def _functional_error(rank: int, world_size: int, case: str) -> str:
     """The error each rank raises in a functional CP step that cannot be exact (``""``: none)."""
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))

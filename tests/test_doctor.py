@@ -19,6 +19,7 @@ from models import (
     next_token_labels,
     tiny_causal_lm,
 )
+from plain_lm import plain_lm_loss, plain_lm_with_sdpa_imported_by_name
 
 from lightning_cp.doctor import check
 
@@ -52,6 +53,19 @@ def test_attention_that_bypasses_the_ring_is_named():
     assert "local_attention" in report.causes
     assert report.mechanism_calls == 0 and report.attention_calls >= 1
     assert "without any attention call going through it" in report.error
+    # not the ring that just failed: only Ulysses, which calls the attention function on whole sequences
+    assert report.runnable_modes == ["ulysses"] and report.no_mode_reason is None
+    assert "modes that would run this model at cp=2: cp_mode='ulysses'" in report.render()
+
+
+def test_attention_no_mode_reaches_is_refused_without_listing_modes():
+    """Hand-called SDPA outside transformers' attention interface: neither the ring nor Ulysses runs it (issue 26)."""
+    report = check(plain_lm_with_sdpa_imported_by_name, seq_len=64, loss_fn=plain_lm_loss, vocab_size=64)
+    assert not report.exact and report.causes == ["local_attention"], report.render()
+    assert report.runnable_modes == []
+    rendered = report.render()
+    assert "modes that would run this model" not in rendered
+    assert "no CP mode can run this model at cp=2: its attention does not go through" in rendered
 
 
 def test_sliding_window_shorter_than_the_sequence_is_named_under_the_ring():

@@ -1,11 +1,13 @@
-"""Resolving data × context × tensor parallel sizes against the world size (pure arithmetic)."""
+"""Resolving data × context × tensor parallel sizes against the world size (pure arithmetic, and when built)."""
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 
 from lightning_cp import ContextParallelStrategy
 from lightning_cp.mesh import ParallelLayout, resolve_layout
+from lightning_cp.strategies.fabric import ContextParallelStrategy as FabricContextParallelStrategy
 
 
 @pytest.mark.parametrize(
@@ -40,3 +42,15 @@ def test_product_of_sizes_must_equal_the_world(world, cp, dp, tp):
 def test_strategy_refuses_bad_arguments_when_built(kwargs):
     with pytest.raises(ValueError):
         ContextParallelStrategy(**kwargs)
+
+
+
+@pytest.mark.parametrize("framework", ["trainer", "fabric"])
+def test_cp_size_that_does_not_divide_the_devices_is_refused_when_trainer_or_fabric_is_built(framework):
+    """Issue 26: in the main process, before any rank is launched, with the devices × nodes it was resolved against."""
+    message = "^lightning_cp: cp_size=3 does not divide the world size \\(2 processes: devices=2 × num_nodes=1\\)"
+    with pytest.raises(ValueError, match=message):
+        if framework == "trainer":
+            L.Trainer(accelerator="cpu", devices=2, strategy=ContextParallelStrategy(cp_size=3), logger=False)
+        else:
+            L.Fabric(accelerator="cpu", devices=2, strategy=FabricContextParallelStrategy(cp_size=3))

@@ -70,6 +70,14 @@ def test_trainer_unrecognised_loss_gets_a_generic_warning_without_claims_about_i
     assert "off by" not in warning and "too small" not in warning
 
 
+def test_trainer_batch_without_target_tokens_is_named_instead_of_the_loss(trainer_run):
+    """One-token sequences have no next-token target: the loss is nan as without CP, and the batch is to blame."""
+    warning = _only_warning(trainer_run[0]["one_token"])
+    assert "micro-batch has no target tokens: all its labels are -100 (ignored)" in warning
+    assert "on every one of the 2 data × context ranks" in warning and "Its loss is nan" in warning
+    assert "not one lightning_cp recognises" not in warning and "Use self.model(**batch).loss" not in warning
+
+
 def test_trainer_right_losses_run_quietly(trainer_run):
     """The model's own loss and token_correct_loss (with gradient accumulation dividing them): no warning at all."""
     warnings, log = trainer_run

@@ -5,11 +5,13 @@ One spawn of two ranks runs every collective case (``results``); the tests below
 1. the low-level path (``create_context_parallel_ctx`` alone or inside ``get_train_context``) switches the
    attention hooks on, so a right-padded batch with an ``attention_mask`` trains exactly as without CP;
 2. no CP (no mesh, no CP dimension, CP size 1) returns ``contextlib.nullcontext`` and the batch itself;
-3. ``make_cp_batch_for_te`` refuses a non-THD format before it touches the process group;
+3. ``make_cp_batch_for_te`` refuses a non-THD format before it touches the process group, in NeMo's words;
 4. sequences shorter than ``2 * cp`` (down to one token, a rank holding only padding) run exactly,
    a packed row and a frozen-target forward too (every rank holds at least two positions);
 5. ``position_ids`` come back ``[batch, seq]``, made or given as ``[1, seq]``;
-7. a batch's ``_cp_make_batch_fn`` is called as NeMo calls it and never reaches the model.
+7. a batch's ``_cp_make_batch_fn`` is called as NeMo calls it and never reaches the model;
+8. a batch with neither ``input_ids`` nor ``inputs_embeds`` (or both) is refused with ``ContextParallelBatchError``
+   on every rank (issue 23: it was a bare ``KeyError: 'inputs_embeds'``).
 """
 
 from __future__ import annotations
@@ -197,6 +199,12 @@ def _nemo_cases(rank: int, world_size: int) -> dict:
     results["make_batch_fn"] = (ctx if isinstance(ctx, str) else repr(ctx), answer)
     results["make_batch_fn_caller_batch"] = sorted(hooked)
     results["make_batch_fn_no_mesh"] = _attempt(lambda: make_cp_batch_and_ctx(None, hooked)[1]["names"])
+
+    # 8. no input (or two) at cp > 1: refused on every rank before any collective
+    labels_only = {"labels": plain["labels"], "position_ids": torch.arange(8).unsqueeze(0)}
+    both = {**plain, "inputs_embeds": torch.zeros(3, 8, 4)}
+    for name, bad in (("no_input", labels_only), ("both_inputs", both)):
+        results[name] = _attempt(lambda: make_cp_batch_and_ctx(mesh, bad))  # noqa: B023 - called at once
     return results
 
 
@@ -235,7 +243,8 @@ def test_te_batch_refuses_a_non_thd_format_before_touching_the_process_group():
     # A real two-rank mesh whose process groups were never created: asking it for its group raises.
     mesh = DeviceMesh("cpu", [0, 1], mesh_dim_names=("cp",), _init_backend=False, _rank=0)
     batch = {"input_ids": torch.ones(1, 4, dtype=torch.long), "labels": torch.ones(1, 4, dtype=torch.long)}
-    with pytest.raises(ValueError, match="Only the 'thd' format is supported, got 'bshd'"):
+    # NeMo's own test matches these opening words (tests/unit_tests/distributed/test_cp_utils.py)
+    with pytest.raises(ValueError, match="^Currently only 'thd' format is supported, got: bshd"):
         make_cp_batch_for_te(mesh, batch, qkv_format="bshd")
 
 
@@ -291,3 +300,11 @@ def test_a_models_own_batch_sharding_callable_is_called_as_nemo_calls_it(results
         assert seen["loss_mask"].shape == (3, 8) and seen["pad"] == 7
         assert result["make_batch_fn_caller_batch"] == ["_cp_make_batch_fn", "input_ids", "labels"]
         assert result["make_batch_fn_no_mesh"] == [None, None]
+
+
+@pytest.mark.parametrize("case,found", [("no_input", "neither"), ("both_inputs", "`input_ids`, `inputs_embeds`")])
+def test_a_batch_without_exactly_one_input_is_refused_with_the_batch_error(results, case, found):
+    for result in results:
+        assert isinstance(result[case], str), "the batch must be refused"
+        assert result[case].startswith("ContextParallelBatchError: A CP batch needs exactly one of `input_ids`")
+        assert f"this one has {found}" in result[case]

@@ -98,7 +98,7 @@ def test_inconsistent_thd_batches_are_refused(change, error, message):
 
 
 def test_qkv_format_and_num_chunks_are_checked():
-    with pytest.raises(ValueError, match="Only the 'thd' format"):
+    with pytest.raises(ValueError, match="Currently only 'thd' format is supported"):
         thd_batch_for_rank(_two_rows(), 2, 0, qkv_format="bshd")
     with pytest.raises(ValueError, match="positive divisor of the batch size"):
         thd_batch_for_rank(_two_rows(), 2, 0, num_chunks=3)

@@ -168,7 +168,13 @@ def test_model_without_attention_modules_is_refused(tmp_path):
 
 
 def test_cp_size_that_does_not_divide_the_world_is_refused(tmp_path):
-    assert "cp_size=3 does not divide the world size (2 processes)" in _failing_run(tmp_path, "--cp", "3")
+    """Refused when the Trainer is built, before the launch: one traceback ending in the one-line cause (issue 26)."""
+    log = _failing_run(tmp_path, "--cp", "3")
+    assert (
+        "ValueError: lightning_cp: cp_size=3 does not divide the world size (2 processes: devices=2 × num_nodes=1)"
+        in log
+    )
+    assert log.count("Traceback") == 1, log
 
 
 def test_callback_without_the_strategy_is_refused_at_setup():

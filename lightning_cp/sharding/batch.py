@@ -77,6 +77,23 @@ def primary_input_key(batch: dict[str, Any]) -> str:
     return "input_ids" if isinstance(batch.get("input_ids"), torch.Tensor) else "inputs_embeds"
 
 
+def require_one_input(batch: dict[str, Any]) -> str:
+    """Return the batch's input key (``"input_ids"`` or ``"inputs_embeds"``); refuse a batch with neither or both.
+
+    Raised as :class:`ContextParallelBatchError` on every rank alike, before anything reads the sequence length.
+    """
+    present = [key for key in ("input_ids", "inputs_embeds") if isinstance(batch.get(key), torch.Tensor)]
+    if len(present) != 1:
+        found = ", ".join(f"`{key}`" for key in present) if present else "neither"
+        keys = ", ".join(f"`{key}`" for key in batch) or "none"
+        raise ContextParallelBatchError(
+            f"A CP batch needs exactly one of `input_ids` and `inputs_embeds` as a tensor; this one has {found}"
+            f" (its keys: {keys}). The sequence to shard is read from it: pass the token ids as"
+            " `batch['input_ids']`, or the embeddings as `batch['inputs_embeds']`, not both."
+        )
+    return present[0]
+
+
 def validate_cp_batch(batch: dict[str, Any], *, require_labels: bool) -> int:
     """Check that ``batch`` can be sharded for CP and return its sequence length.
 
@@ -84,10 +101,7 @@ def validate_cp_batch(batch: dict[str, Any], *, require_labels: bool) -> int:
     missing labels (when required), sequence fields whose lengths or batch sizes disagree, and an
     ``attention_mask`` that is not plain right padding with ignored labels.
     """
-    has_ids = isinstance(batch.get("input_ids"), torch.Tensor)
-    has_embeds = isinstance(batch.get("inputs_embeds"), torch.Tensor)
-    if has_ids == has_embeds:
-        raise ContextParallelBatchError("A CP batch needs exactly one of `input_ids` and `inputs_embeds`.")
+    require_one_input(batch)
     if require_labels and not any(isinstance(batch.get(key), torch.Tensor) for key in _LABEL_KEYS):
         raise ContextParallelBatchError(
             "A CP training batch needs `labels` (or `shift_labels`): they must be sharded together with the inputs."

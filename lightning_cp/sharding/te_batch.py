@@ -96,10 +96,10 @@ def _stack_chunks(chunks: list[dict[str, Any]], padding_value: int) -> dict[str,
 
 
 def check_qkv_format(qkv_format: str) -> None:
-    """Refuse any layout but THD with NeMo's meaning (a ``ValueError``), before any other work."""
+    """Refuse any layout but THD with NeMo's meaning and opening words (a ``ValueError``), before any other work."""
     if qkv_format != "thd":
         raise ValueError(
-            f"Only the 'thd' format is supported, got {qkv_format!r}: Transformer Engine's context-parallel"
+            f"Currently only 'thd' format is supported, got: {qkv_format}. Transformer Engine's context-parallel"
             " attention is given packed sequences (all tokens in one row, delimited by `cu_seqlens`). Pass"
             " qkv_format='thd' (the default), or shard a [batch, seq] batch with make_cp_batch_and_ctx(use_te=False)."
         )

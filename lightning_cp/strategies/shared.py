@@ -65,6 +65,8 @@ class ContextParallelMixin:
     local_rank: int
     root_device: torch.device
     launcher: Any
+    num_processes: int
+    num_nodes: int
 
     def _init_context_parallel(
         self,
@@ -101,6 +103,27 @@ class ContextParallelMixin:
         self._session_options = session_options
         self._layout: ParallelLayout | None = None
         self._session: ContextParallelSession | None = None
+
+    def _configure_launcher(self) -> None:
+        """Check the sizes against devices × nodes, then let Lightning make its launcher.
+
+        Lightning calls this when the Trainer or Fabric object is built, in the main process, once the
+        devices and the number of nodes are known and before any rank is launched: a layout that cannot
+        work fails here with one short traceback instead of one per rank after the launch.
+        """
+        self._check_layout_before_launch()
+        super()._configure_launcher()  # type: ignore[misc]
+
+    def _check_layout_before_launch(self) -> None:
+        """Resolve the layout for ``devices × num_nodes`` processes; a ``ValueError`` naming both if it cannot."""
+        devices, nodes = self.num_processes, self.num_nodes
+        if not devices:
+            return  # devices not known yet: checked again after the launch (`_setup_context_parallel_mesh`)
+        sizes = (self._cp_size, self._data_parallel_size, self._tensor_parallel_size)
+        try:
+            resolve_layout(devices * nodes, *sizes, world_origin=f"devices={devices} × num_nodes={nodes}")
+        except ValueError as error:
+            raise ValueError(f"lightning_cp: {error}") from None  # the cause is the sizes, not this frame
 
     def _setup_context_parallel_mesh(self) -> None:
         """Resolve the layout against the world size, build the mesh and the session (after init_process_group)."""

@@ -62,7 +62,10 @@ LOSSES: dict[str, Callable[[L.LightningModule, dict], torch.Tensor]] = {
     "plain_mean": _plain_mean,
     "rank_share": _rank_share,
     "unrecognised": _unrecognised,
+    "one_token": _model_loss,  # the model's own loss on sequences of one token: no target at all
 }
+#: Sequence length of each fit's samples: a loss case's name may ask for its own.
+SEQ_LENS = {"one_token": 1}
 
 
 class LossModule(L.LightningModule):
@@ -72,6 +75,7 @@ class LossModule(L.LightningModule):
         super().__init__()
         self.model = tiny_causal_lm("llama")
         self.loss = LOSSES[loss]
+        self.seq_len = SEQ_LENS.get(loss, 34)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         return self.loss(self, batch)
@@ -80,7 +84,7 @@ class LossModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(hf_style_samples(2 * BATCH_SIZE, 34), batch_size=BATCH_SIZE)
+        return DataLoader(hf_style_samples(2 * BATCH_SIZE, self.seq_len), batch_size=BATCH_SIZE)
 
 
 def _fit(loss: str, accumulate: int) -> list[str]:
