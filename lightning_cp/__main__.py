@@ -17,6 +17,7 @@ from typing import Any
 from lightning_cp.chunked_loss import DEFAULT_CHUNK_TOKENS
 from lightning_cp.cp_mode import CP_MODES
 from lightning_cp.doctor import check, default_loss, factory_from_spec
+from lightning_cp.mixers.mode import MIXER_MODES
 from lightning_cp.planner import plan, render
 
 
@@ -78,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         "--cp-mode", choices=CP_MODES, default="auto", help="CP mechanism (default: auto, decided per model)"
     )
     doctor.add_argument("--ulysses-size", type=int, help="Ulysses group size for --cp-mode hybrid")
+    doctor.add_argument(
+        "--mixer-mode",
+        choices=MIXER_MODES,
+        default="auto",
+        help="mechanism of sequence mixers that are not attention (default: auto, decided per layer)",
+    )
     _add_plan_command(commands)
     args = parser.parse_args(argv)
     if args.command == "plan":
@@ -96,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             load_balance=not args.no_load_balance,
             cp_mode=args.cp_mode,
             ulysses_size=args.ulysses_size,
+            mixer_mode=args.mixer_mode,
         )
     except ValueError as error:  # the model or the options cannot be checked as given: say how to fix it
         doctor.error(str(error))

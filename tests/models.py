@@ -77,3 +77,19 @@ def mistral_with_short_window() -> PreTrainedModel:
 
     torch.manual_seed(0)
     return MistralForCausalLM(MistralConfig(**{**TINY_CONFIG, "sliding_window": 64}))
+
+
+class RunningMeanMixer(torch.nn.Module):
+    """Mixes positions by hand, with no sign a structural check could see: adds the running mean of the sequence."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        steps = torch.arange(1, hidden_states.size(1) + 1, device=hidden_states.device, dtype=hidden_states.dtype)
+        return hidden_states + hidden_states.cumsum(1) / steps[None, :, None]
+
+
+def llama_with_hand_written_mixer() -> torch.nn.Module:
+    """The tiny Llama with a :class:`RunningMeanMixer` after layer 0's MLP: CP cannot see it mixing positions."""
+    model = tiny_causal_lm("llama")
+    layer = model.model.layers[0]
+    layer.mlp = torch.nn.Sequential(layer.mlp, RunningMeanMixer())
+    return model

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from mixer_zoo import build_mixer_model
 from models import (
+    llama_with_hand_written_mixer,
     llama_with_sdpa_imported_by_name,
     lm_batch,
     mistral_with_short_window,
@@ -183,3 +185,21 @@ def test_command_line_asks_for_the_vocabulary_size_of_a_model_without_config(cap
     assert "`PlainCausalLM` has no `config.vocab_size`" in error
     assert "(its embeddings: `tokens` (64 rows), `positions` (256 rows))" in error
     assert "`--vocab-size N`" in error
+
+
+def test_a_hybrid_model_reports_its_mixers_and_is_exact():
+    report = check(functools.partial(build_mixer_model, "qwen3_next", vocab_size=256), lm_batch(seq_len=64))
+    assert report.exact, report.render()
+    assert report.mixers == ["model.layers.0.linear_attn"]
+    assert report.mixer_calls == report.mixer_calls_through_cp == 1
+    assert "sequence mixers over 2 ranks: 1 gated delta net by all_to_all" in report.render()
+
+
+def test_a_hand_written_mixer_is_named_as_the_cause():
+    """Negative control: a module that mixes positions by hand (a running mean) shows no structural sign; the doctor
+    finds it as the first module whose output differs from the plain run, and says why."""
+    report = check(llama_with_hand_written_mixer, lm_batch(seq_len=64))
+    assert not report.exact
+    assert report.causes == ["unhooked_mixing"], report.render()
+    assert report.first_divergence is not None
+    assert report.first_divergence.startswith("`model.layers.0.mlp.1` (RunningMeanMixer)")
