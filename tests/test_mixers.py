@@ -45,9 +45,12 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def _case(rank: int, world_size: int, family: str, mixer_mode: str, seq_len: int, packed: bool, bypass: str) -> dict:
     """One family on the ranks: the plain run, the CP run, the worst relative gradient difference."""
     torch.manual_seed(0)
-    model = build_mixer_model(family)
+    # "cache": the config's default use_cache=True (a training forward that builds a fresh cache)
+    model = build_mixer_model(family, **({"use_cache": True} if bypass == "cache" else {}))
     reference = copy.deepcopy(model)
     batch = _batch(seq_len, packed)
+    if bypass == "embeds":  # inputs_embeds instead of input_ids (a vision tower's, say)
+        batch["inputs_embeds"] = model.get_input_embeddings()(batch.pop("input_ids")).detach()
     plain = reference(**batch)
     plain.loss.backward()
     mesh, data_context = build_device_mesh(resolve_layout(world_size, world_size, 1, 1), torch.device("cpu"))
@@ -108,14 +111,27 @@ CP2_CASES = [
     *[(family, "gather", 64, False, "none") for family in ("qwen3_next", "nemotron_h", "lfm2")],
     *[(family, "auto", 64, True, "none") for family in ("qwen3_5", "bamba", "lfm2", "jamba", "recurrent_gemma")],
     ("mamba2", "auto", 61, False, "none"),
+    ("qwen3_next", "auto", 64, False, "cache"),
+    ("nemotron_h", "auto", 64, False, "cache"),
+    ("qwen3_5", "auto", 64, False, "embeds"),
+    ("granitemoehybrid", "auto", 64, False, "embeds"),
     ("qwen3_next", "auto", 64, False, "mechanism"),
     ("mamba2", "auto", 64, False, "mechanism"),
     ("qwen3_next", "all_to_all", 64, False, "no_reorder"),
     ("jamba", "all_to_all", 64, False, "none"),
 ]
 #: Families whose every mixer the all-to-all runs (the rest are gathered under "auto").
-ALL_TO_ALL = {"qwen3_next", "qwen3_5", "olmo_hybrid", "nemotron_h", "bamba", "granitemoehybrid", "falcon_h1", "mamba2",
-              "lfm2"}
+ALL_TO_ALL = {
+    "qwen3_next",
+    "qwen3_5",
+    "olmo_hybrid",
+    "nemotron_h",
+    "bamba",
+    "granitemoehybrid",
+    "falcon_h1",
+    "mamba2",
+    "lfm2",
+}
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +139,9 @@ def cp2_results() -> dict:
     return run_on_ranks(_cases, CP2_CASES, world_size=2, timeout=600)
 
 
-@pytest.mark.parametrize("case", [c for c in CP2_CASES if c[-1] == "none" and c[1] != "all_to_all"], ids=str)
+@pytest.mark.parametrize(
+    "case", [c for c in CP2_CASES if c[-1] in ("none", "cache", "embeds") and c[1] != "all_to_all"], ids=str
+)
 def test_mixer_parity_cp2(cp2_results: list[dict], case: tuple) -> None:
     for rank_results in cp2_results:
         result = rank_results[case]
@@ -153,8 +171,11 @@ def test_all_to_all_refuses_a_mixer_it_cannot_run_on_every_rank(cp2_results: lis
 @pytest.mark.slow
 def test_mixer_parity_cp4() -> None:
     """Four ranks: groups spread (bamba: one group), split (nemotron_h: four), channels, gathered Mamba-1."""
-    cases = [(family, "auto", 64, packed, "none") for family in ("qwen3_next", "nemotron_h", "bamba", "lfm2", "jamba")
-             for packed in (False, True)]
+    cases = [
+        (family, "auto", 64, packed, "none")
+        for family in ("qwen3_next", "nemotron_h", "bamba", "lfm2", "jamba")
+        for packed in (False, True)
+    ]
     for rank_results in run_on_ranks(_cases, cases, world_size=4, timeout=600):
         for case in cases:
             result = rank_results[case]
@@ -185,7 +206,7 @@ def test_heads_that_do_not_split_are_gathered_by_auto_and_refused_by_all_to_all(
     traits = [mixer_traits(name, module) for name, module in find_sequence_mixers(model).items()]
     plan = choose_mixer_mechanisms(traits, cp_size=4, mixer_mode="auto")
     assert set(plan.mechanisms.values()) == {"gather"}
-    assert "6 query heads do not split over 4" in plan.describe(4)
+    assert "6 value heads do not split over 4 ranks" in plan.describe(4)
     with pytest.raises(ContextParallelInputError, match=r"sizes that split them: \[1, 3, 6\]"):
         choose_mixer_mechanisms(traits, cp_size=4, mixer_mode="all_to_all")
     assert set(choose_mixer_mechanisms(traits, cp_size=3, mixer_mode="all_to_all").mechanisms.values()) == {

@@ -97,14 +97,21 @@ def ulysses_sizes_that_work(query_heads: int, kv_heads: int, limit: int) -> list
     return [size for size in range(1, limit + 1) if ulysses_head_error(query_heads, kv_heads, size) is None]
 
 
-def ulysses_head_error(query_heads: int, kv_heads: int, size: int) -> str | None:
-    """Why ``size`` ranks cannot share these heads under Ulysses, or ``None`` when they can."""
+def ulysses_head_error(
+    query_heads: int, kv_heads: int, size: int, names: tuple[str, str] = ("query heads", "key/value heads")
+) -> str | None:
+    """Why ``size`` ranks cannot share these heads under Ulysses, or ``None`` when they can.
+
+    ``names`` says what the two head counts are (a gated delta net's value and key heads, a Mamba-2 layer's
+    heads and groups: the all-to-all of :mod:`lightning_cp.mixers.heads` shares them by the same rule).
+    """
+    many, few = names
     if query_heads % kv_heads:
-        return f"{query_heads} query heads cannot share {kv_heads} key/value heads evenly"
+        return f"{query_heads} {many} cannot share {kv_heads} {few} evenly"
     if query_heads % size:
-        return f"{query_heads} query heads do not split over {size} Ulysses ranks"
+        return f"{query_heads} {many} do not split over {size} ranks"
     if kv_heads % size and size % kv_heads:
-        return f"{kv_heads} key/value heads neither split over {size} Ulysses ranks nor divide it"
+        return f"{kv_heads} {few} neither split over {size} ranks nor divide it"
     return None
 
 

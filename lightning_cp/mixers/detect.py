@@ -98,13 +98,15 @@ class MixerTraits:
     conv: nn.Module | None
     #: Why the all-to-all cannot run it at any CP size (a function it does not route), or ``None``.
     unroutable: str | None
+    #: What the two head counts are called, for messages.
+    head_names: tuple[str, str] = ("heads", "groups")
 
     def all_to_all_obstacle(self, size: int) -> str | None:
         """Why ``size`` ranks cannot run this mixer by the all-to-all, or ``None``."""
         if self.unroutable is not None:
             return f"`{self.name}` ({self.kind}) {self.unroutable}"
         if self.heads is not None:
-            error = ulysses_head_error(self.heads[0], self.heads[1], size)
+            error = ulysses_head_error(self.heads[0], self.heads[1], size, self.head_names)
             if error is not None:
                 sizes = ulysses_sizes_that_work(self.heads[0], self.heads[1], max(self.heads[0], size))
                 return f"`{self.name}` ({self.kind}): {error} (sizes that split them: {sizes})"
@@ -161,6 +163,7 @@ def mixer_traits(name: str, module: nn.Module) -> MixerTraits:
         kind=kind,
         parts=frozenset(ROUTES[function][1] for function in routed),  # type: ignore[misc]
         heads=_heads(module, called) if not unroutable else None,
+        head_names=("value heads", "key heads") if kind == "gated delta net" else ("heads", "groups"),
         conv=conv if "causal_conv1d_forward" in called else None,
         unroutable=unroutable,
     )

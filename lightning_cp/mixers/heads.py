@@ -147,7 +147,7 @@ def gated_delta_rule_through_cp(
     value_heads, key_heads = value.size(2), key.size(2)
     _refuse_split(
         f"a gated delta net with {value_heads} value / {key_heads} key heads",
-        ulysses_head_error(value_heads, key_heads, exchange.size),
+        ulysses_head_error(value_heads, key_heads, exchange.size, ("value heads", "key heads")),
     )
     query, key = (_spread(t, key_heads, exchange.size, dim=2) for t in (query, key))
     q, k, v, gate, b = (_whole(t, exchange, split_dim=2) for t in (query, key, value, g, beta))
@@ -171,7 +171,10 @@ def mamba2_scan_through_cp(
     _refuse_cache("the Mamba-2 scan", cache)
     exchange = _exchange()
     heads, groups, size = module.num_heads, module.n_groups, exchange.size
-    _refuse_split(f"a Mamba-2 layer with {heads} heads in {groups} groups", ulysses_head_error(heads, groups, size))
+    _refuse_split(
+        f"a Mamba-2 layer with {heads} heads in {groups} groups",
+        ulysses_head_error(heads, groups, size, ("heads", "groups")),
+    )
     local = heads // size
     batch, seq = B.shape[:2]
     B, C = (  # noqa: N806
