@@ -108,7 +108,7 @@ def _cases(rank: int, world_size: int, cases: list[tuple]) -> dict:
 #: by "gather", packed rows, a sequence that is padded, and the negative controls.
 CP2_CASES = [
     *[(family, "auto", 64, False, "none") for family in MIXER_NAMES],
-    *[(family, "gather", 64, False, "none") for family in ("qwen3_next", "nemotron_h", "lfm2")],
+    *[(family, "gather", 64, False, "none") for family in ("qwen3_next", "nemotron_h", "lfm2", "jamba")],
     *[(family, "auto", 64, True, "none") for family in ("qwen3_5", "bamba", "lfm2", "jamba", "recurrent_gemma")],
     ("mamba2", "auto", 61, False, "none"),
     ("qwen3_next", "auto", 64, False, "cache"),
@@ -118,7 +118,7 @@ CP2_CASES = [
     ("qwen3_next", "auto", 64, False, "mechanism"),
     ("mamba2", "auto", 64, False, "mechanism"),
     ("qwen3_next", "all_to_all", 64, False, "no_reorder"),
-    ("jamba", "all_to_all", 64, False, "none"),
+    ("kimi_linear", "all_to_all", 64, False, "none"),
 ]
 #: Families whose every mixer the all-to-all runs (the rest are gathered under "auto").
 ALL_TO_ALL = {
@@ -131,6 +131,7 @@ ALL_TO_ALL = {
     "falcon_h1",
     "mamba2",
     "lfm2",
+    "jamba",
 }
 
 
@@ -164,13 +165,14 @@ def test_mixer_negative_controls_fail(cp2_results: list[dict], case: tuple) -> N
 
 def test_all_to_all_refuses_a_mixer_it_cannot_run_on_every_rank(cp2_results: list[dict]) -> None:
     for rank_results in cp2_results:
-        message = rank_results[("jamba", "all_to_all", 64, False, "none")]["refused"]
-        assert "model.layers.0.mamba" in message and "mamba_scan_forward" in message and "gather" in message
+        message = rank_results[("kimi_linear", "all_to_all", 64, False, "none")]["refused"]
+        assert "model.layers.0.self_attn" in message and "chunk_kimi_delta_attention" in message, message
+        assert "gather" in message
 
 
 @pytest.mark.slow
 def test_mixer_parity_cp4() -> None:
-    """Four ranks: groups spread (bamba: one group), split (nemotron_h: four), channels, gathered Mamba-1."""
+    """Four ranks: groups spread (bamba: one group), split (nemotron_h: four), channels (lfm2, Mamba-1's jamba)."""
     cases = [
         (family, "auto", 64, packed, "none")
         for family in ("qwen3_next", "nemotron_h", "bamba", "lfm2", "jamba")

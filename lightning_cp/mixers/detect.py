@@ -124,7 +124,7 @@ def _kind(module: nn.Module, called: tuple[str, ...]) -> str:
     if "mamba2_scan_forward" in called:
         return "Mamba-2 scan"
     if "mamba_scan_forward" in called or "Mamba" in name:
-        return "Mamba scan"
+        return "Mamba-1 scan"
     if "chunk_kimi_delta_attention" in called:
         return "Kimi delta attention"
     if "Lightning" in name:

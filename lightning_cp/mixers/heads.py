@@ -11,7 +11,7 @@ the output back. Each rank moves ``(cp - 1) / cp²`` of the mixer's inputs and o
 scan's activations for ``1/cp`` of the heads.
 
 Transformers (5.x) calls these functions by name from the modeling module of each family
-(``causal_conv1d_forward``, ``torch_chunk_gated_delta_rule``, ``mamba2_scan_forward``; each a kernel
+(``causal_conv1d_forward``, ``torch_chunk_gated_delta_rule``, ``mamba2_scan_forward``, ``mamba_scan_forward``; each a kernel
 from the hub on CUDA or the torch fallback, chosen inside the call). :func:`route_mixer_functions`
 replaces each name there by a router that runs it through CP, so whichever kernel the model picked
 runs, on whole sequences. The fused Mamba-2 kernel (convolution, scan, norm and projection at once) is
@@ -65,16 +65,27 @@ class _LocalView:
 
     Parameters with one entry per head along their first dimension (``A_log``, ``D``, ``dt_bias``, a
     depthwise convolution's weight and bias) are narrowed to the rank's heads; ``counts`` overrides
-    sizes the function reads (``num_heads``, ...). Everything else is read from the module.
+    sizes the function reads (``num_heads``, ...); ``children`` are submodules seen the same way.
+    Everything else is read from the module.
     """
 
-    def __init__(self, module: nn.Module, heads: int, rank: int, local: int, counts: dict[str, int]) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        heads: int,
+        rank: int,
+        local: int,
+        counts: dict[str, int],
+        children: tuple[str, ...] = (),
+    ) -> None:
         self._module = module
         for name, parameter in module.named_parameters(recurse=False):
             if parameter.ndim >= 1 and parameter.size(0) == heads:
                 setattr(self, name, parameter.narrow(0, rank * local, local))
         for name, value in counts.items():
             setattr(self, name, value)
+        for name in children:  # submodules whose per-head parameters the function reads (Mamba's dt_proj.bias)
+            setattr(self, name, _LocalView(getattr(module, name), heads, rank, local, {}))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._module, name)
@@ -187,6 +198,36 @@ def mamba2_scan_through_cp(
     return _shard(out, exchange, split_dim=2)
 
 
+def mamba_scan_through_cp(
+    original: Callable[..., Any],
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    time_step: torch.Tensor,
+    B: torch.Tensor,  # noqa: N803
+    C: torch.Tensor,  # noqa: N803
+    gate: torch.Tensor,
+    cache: Any = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Mamba-1's ``mamba_scan_forward`` (selective scan, ``D`` skip, gate) on whole sequences for this rank's channels.
+
+    Channels never mix in the scan; ``B`` and ``C`` (``[B, s, N]``) are shared by all channels, so every rank
+    receives them whole (each rank's shard sent to every rank: the all-to-all of ``cp`` copies).
+    """
+    _refuse_cache("the Mamba scan", cache)
+    exchange = _exchange()
+    channels, size = hidden_states.size(1), exchange.size
+    if channels % size:
+        _refuse_split(f"a Mamba layer with {channels} channels", f"{channels} channels do not split over {size} ranks")
+    local = channels // size
+    x, step, z = (_whole(t, exchange, split_dim=1, seq_dim=2) for t in (hidden_states, time_step, gate))
+    b, c = (_whole(t.unsqueeze(2).expand(-1, -1, size, -1).flatten(2), exchange, split_dim=2) for t in (B, C))
+    view = _LocalView(module, channels, exchange.rank, local, {"intermediate_size": local}, children=("dt_proj",))
+    out = original(view, x, step, b, c, z, None, **kwargs)
+    switch.record("scan")
+    return _shard(out, exchange, split_dim=1, seq_dim=2)
+
+
 def _fused_steps_aside(original: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
     """Under CP the fused Mamba-2 kernel gives way (``None``, as its torch fallback returns) to the routed parts."""
     return None
@@ -208,18 +249,23 @@ ROUTES: dict[str, tuple[Callable[..., Any], str | None]] = {
     "causal_conv1d_forward": (causal_conv_through_cp, "conv"),
     "torch_chunk_gated_delta_rule": (gated_delta_rule_through_cp, "scan"),
     "mamba2_scan_forward": (mamba2_scan_through_cp, "scan"),
+    "mamba_scan_forward": (mamba_scan_through_cp, "scan"),
     "mamba2_split_conv1d_scan_combined": (_fused_steps_aside, None),
+    "mamba_inner_fn": (_fused_steps_aside, None),
     **{
         name: (_decode_only(name), None)
-        for name in ("causal_conv1d_update", "torch_recurrent_gated_delta_rule", "mamba2_selective_state_update")
+        for name in (
+            "causal_conv1d_update",
+            "torch_recurrent_gated_delta_rule",
+            "mamba2_selective_state_update",
+            "mamba_selective_state_update",
+        )
     },
 }
 
 #: Sequence-mixing functions transformers' mixers call that the all-to-all does not run (yet): a mixer
 #: calling one of them runs by ``"gather"``.
 UNROUTED = (
-    "mamba_scan_forward",
-    "mamba_inner_fn",
     "mamba_selective_scan",
     "chunk_kimi_delta_attention",
     "recurrent_kimi_delta_attention",
