@@ -141,6 +141,8 @@ def _heads(module: nn.Module, called: tuple[str, ...]) -> tuple[int, int] | None
         return module.num_v_heads, module.num_k_heads
     if "mamba2_scan_forward" in called:
         return module.num_heads, module.n_groups
+    if "chunk_kimi_delta_attention" in called:
+        return module.num_heads, module.num_heads
     return None
 
 
@@ -163,7 +165,7 @@ def mixer_traits(name: str, module: nn.Module) -> MixerTraits:
         kind=kind,
         parts=frozenset(ROUTES[function][1] for function in routed),  # type: ignore[misc]
         heads=_heads(module, called) if not unroutable else None,
-        head_names=("value heads", "key heads") if kind == "gated delta net" else ("heads", "groups"),
+        head_names=("value heads", "key heads") if "delta" in kind else ("heads", "groups"),
         conv=conv if "causal_conv1d_forward" in called else None,
         unroutable=unroutable,
     )

@@ -146,7 +146,8 @@ def gated_delta_rule_through_cp(
     *args: Any,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """``torch_chunk_gated_delta_rule`` (or its kernel) on whole sequences for this rank's value heads."""
+    """``torch_chunk_gated_delta_rule`` or ``chunk_kimi_delta_attention`` (or their kernels) on whole sequences
+    for this rank's value heads."""
     _refuse_cache("the gated delta rule", kwargs.get("initial_state"))
     if kwargs.get("cu_seqlens") is not None:
         raise ContextParallelInputError(
@@ -248,6 +249,8 @@ def _decode_only(name: str) -> Callable[..., Any]:
 ROUTES: dict[str, tuple[Callable[..., Any], str | None]] = {
     "causal_conv1d_forward": (causal_conv_through_cp, "conv"),
     "torch_chunk_gated_delta_rule": (gated_delta_rule_through_cp, "scan"),
+    # Kimi delta attention: the gated delta rule with a decay per channel ([B, s, H, D]): split by heads alike
+    "chunk_kimi_delta_attention": (gated_delta_rule_through_cp, "scan"),
     "mamba2_scan_forward": (mamba2_scan_through_cp, "scan"),
     "mamba_scan_forward": (mamba_scan_through_cp, "scan"),
     "mamba2_split_conv1d_scan_combined": (_fused_steps_aside, None),
@@ -259,17 +262,14 @@ ROUTES: dict[str, tuple[Callable[..., Any], str | None]] = {
             "torch_recurrent_gated_delta_rule",
             "mamba2_selective_state_update",
             "mamba_selective_state_update",
+            "recurrent_kimi_delta_attention",
         )
     },
 }
 
 #: Sequence-mixing functions transformers' mixers call that the all-to-all does not run (yet): a mixer
 #: calling one of them runs by ``"gather"``.
-UNROUTED = (
-    "mamba_selective_scan",
-    "chunk_kimi_delta_attention",
-    "recurrent_kimi_delta_attention",
-)
+UNROUTED = ("mamba_selective_scan",)
 
 
 def depthwise_conv_error(conv: Any, size: int) -> str | None:
