@@ -11,8 +11,9 @@ the output back. Each rank moves ``(cp - 1) / cp²`` of the mixer's inputs and o
 scan's activations for ``1/cp`` of the heads.
 
 Transformers (5.x) calls these functions by name from the modeling module of each family
-(``causal_conv1d_forward``, ``torch_chunk_gated_delta_rule``, ``mamba2_scan_forward``, ``mamba_scan_forward``; each a kernel
-from the hub on CUDA or the torch fallback, chosen inside the call). :func:`route_mixer_functions`
+(``causal_conv1d_forward``, ``torch_chunk_gated_delta_rule``, ``chunk_kimi_delta_attention``,
+``mamba2_scan_forward``, ``mamba_scan_forward``; each a kernel from the hub on CUDA or the torch fallback,
+chosen inside the call). :func:`route_mixer_functions`
 replaces each name there by a router that runs it through CP, so whichever kernel the model picked
 runs, on whole sequences. The fused Mamba-2 kernel (convolution, scan, norm and projection at once) is
 told to step aside under CP (it returns ``None``, as its torch fallback does), so the model takes the
