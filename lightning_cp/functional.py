@@ -50,6 +50,7 @@ from lightning_cp.mesh import (
     split_context_parallel,
 )
 from lightning_cp.mixers.exchange import packed_exchange, unpacked_exchange
+from lightning_cp.mixers.heads import route_loaded_mixer_functions
 from lightning_cp.mixers.hooks import plan_hooked_mixers, with_mixers
 from lightning_cp.mixers.mode import validate_mixer_mode
 from lightning_cp.session import attention_context
@@ -121,6 +122,7 @@ def create_context_parallel_ctx(
             cp_mesh, buffers=cp_buffers, buffer_seq_dims=cp_seq_dims, no_restore_buffers=cp_no_restore_buffers
         )
         seq_len = cp_buffers[0].size(cp_seq_dims[0]) if cp_buffers else None
+        route_loaded_mixer_functions()  # an unhooked mixer stops instead of mixing one shard
         with switched_on(torch_cp, ActiveContextParallel(attention.load_balance_enabled(), seq_len), cp_mesh):
             yield
     finally:
@@ -239,6 +241,7 @@ def make_cp_batch_and_ctx(
     groups = None if mechanism.name == "ring" else _groups(cp_mesh, mechanism.ulysses_size)
 
     def train_ctx() -> AbstractContextManager[None]:
+        route_loaded_mixer_functions()  # an unhooked mixer stops instead of mixing one shard
         attend = attention_context(
             mechanism.name,
             cp_mesh,

@@ -43,6 +43,7 @@ from lightning_cp.mesh import (
 )
 from lightning_cp.mixers.detect import mixer_traits
 from lightning_cp.mixers.exchange import MixerExchange, packed_exchange, unpacked_exchange
+from lightning_cp.mixers.heads import route_loaded_mixer_functions
 from lightning_cp.mixers.hooks import apply_mixer_plan, attach_mixer_hooks, refuse_mixers_with_transformer_engine
 from lightning_cp.mixers.mode import MixerPlan, choose_mixer_mechanisms, validate_mixer_mode
 from lightning_cp.mixers.switch import mixers_on
@@ -376,6 +377,7 @@ class ContextParallelSession:
         """Switch ring attention on (restricted to the SDPA kernels the ring supports) until :meth:`close`."""
         self.close()
         assert self.current is not None, "shard a batch before opening the CP context"
+        route_loaded_mixer_functions()  # mixers of a model not prepared here stop instead of mixing one shard
         stack = ExitStack()
         if not self.current.thd:  # Transformer Engine's attention runs its own ring
             stack.enter_context(self._attention_context(self.current))

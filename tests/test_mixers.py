@@ -222,3 +222,25 @@ def test_unknown_mixer_mode_is_refused() -> None:
 
     with pytest.raises(ValueError, match="must be one of"):
         validate_mixer_mode("ring")
+
+
+def _unhooked_functional(rank: int, world_size: int) -> str:
+    """A gated delta net hybrid given to the functional API without hooks: its mixer must not run on one shard."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_cp import make_cp_batch_and_ctx
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))
+    model = build_mixer_model("qwen3_next")  # no attach_context_parallel_hooks
+    train_ctx, local = make_cp_batch_and_ctx(mesh, _batch(64, packed=False))
+    try:
+        with train_ctx():
+            model(**local).loss.backward()
+    except ContextParallelInputError as error:
+        return str(error)
+    return "ran"
+
+
+def test_an_unhooked_mixer_stops_under_the_functional_api_on_every_rank() -> None:
+    for message in run_on_ranks(_unhooked_functional, world_size=2):
+        assert "`causal_conv1d_forward` ran under context parallelism outside any sequence mixer" in message

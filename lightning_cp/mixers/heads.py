@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_cp.attention.switch import active_context_parallel
 from lightning_cp.attention.ulysses import heads_to_sequence, sequence_to_heads, ulysses_head_error
 from lightning_cp.mixers import switch
 from lightning_cp.mixers.exchange import MixerExchange, ordered_from_rank_order, rank_order_from_ordered
@@ -287,7 +288,9 @@ def _router(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
     handler, _ = ROUTES[name]
 
     def routed(*args: Any, **kwargs: Any) -> Any:
-        if switch.active_mixer_exchange() is None or switch.innermost_mechanism() in ("gather", "whole"):
+        if switch.active_mixer_exchange() is None and active_context_parallel() is None:
+            return original(*args, **kwargs)  # no CP
+        if switch.innermost_mechanism() in ("gather", "whole"):
             return original(*args, **kwargs)
         if switch.innermost_mechanism() is None:
             raise ContextParallelInputError(
@@ -304,7 +307,29 @@ def _router(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
 
 def route_mixer_functions(module: nn.Module) -> None:
     """Route the mixer functions of ``module``'s modeling module through CP (once per modeling module)."""
-    modeling: ModuleType | None = sys.modules.get(type(module).__module__)
+    _route_modeling_module(sys.modules.get(type(module).__module__))
+
+
+_modules_seen = 0
+
+
+def route_loaded_mixer_functions() -> None:
+    """Route the mixer functions of every transformers modeling module loaded so far.
+
+    The safety net for mixers nobody hooked (a model given to the functional API without
+    ``attach_context_parallel_hooks``): their functions then raise under CP instead of mixing one shard.
+    Cheap when nothing was imported since the last call.
+    """
+    global _modules_seen
+    if len(sys.modules) == _modules_seen:
+        return
+    _modules_seen = len(sys.modules)
+    for name, modeling in list(sys.modules.items()):
+        if name.startswith("transformers.models.") and ".modeling_" in name:
+            _route_modeling_module(modeling)
+
+
+def _route_modeling_module(modeling: ModuleType | None) -> None:
     for name in ROUTES:
         original = getattr(modeling, name, None)
         if original is not None and not getattr(original, _ROUTED_MARK, False):
