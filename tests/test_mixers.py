@@ -14,6 +14,7 @@ import torch
 from distributed_harness import run_on_ranks
 from mixer_zoo import MIXER_NAMES, build_mixer_model
 
+from lightning_cp.attention.switch import active_context_parallel
 from lightning_cp.mesh import build_device_mesh, resolve_layout
 from lightning_cp.mixers import heads
 from lightning_cp.mixers.detect import find_sequence_mixers, mixer_traits
@@ -60,8 +61,9 @@ def _case(rank: int, world_size: int, family: str, mixer_mode: str, seq_len: int
     except ContextParallelInputError as error:
         return {"refused": str(error)}
     line = session.describe_attention()
-    if bypass == "mechanism":  # negative control: the mixers run on their own shards
+    if bypass == "mechanism":  # negative control: the mixers run on their own shards, the safety net off too
         session.mixer_plan = MixerPlan({}, {}, {})
+        heads.active_context_parallel = lambda: None
     local = dict(batch)
     try:
         with session.step(local):
@@ -100,7 +102,10 @@ def _cases(rank: int, world_size: int, cases: list[tuple]) -> dict:
             finally:
                 heads.ordered_from_rank_order, heads.rank_order_from_ordered = saved
         else:
-            results[case] = _case(rank, world_size, *case)
+            try:
+                results[case] = _case(rank, world_size, *case)
+            finally:
+                heads.active_context_parallel = active_context_parallel
     return results
 
 
