@@ -14,6 +14,7 @@ direction of the mixer), and sends each rank back its positions through the inve
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,7 +43,7 @@ class MixerExchange:
         """The whole CP group, as the all-to-all of :mod:`lightning_cp.attention.ulysses` takes it."""
         return UlyssesGroup(self.group, self.size, self.rank)
 
-    @property
+    @functools.cached_property
     def inverse(self) -> torch.Tensor:
         """Where each rank-ordered gathered place sits in the ordered row (``argsort`` of :attr:`order`)."""
         return self.order.argsort(dim=-1)
@@ -76,8 +77,7 @@ def to_whole_row(local: torch.Tensor, exchange: MixerExchange, *, seq_dim: int =
 
     Differentiable: the gradient that reaches the shard is the sum of what every rank's copy received.
     """
-    gathered = gather_in_rank_order(local, exchange.group, seq_dim)
-    return take_positions(gathered, exchange.order, seq_dim).narrow(seq_dim, 0, exchange.length)
+    return ordered_from_rank_order(gather_in_rank_order(local, exchange.group, seq_dim), exchange, seq_dim=seq_dim)
 
 
 def ordered_to_local(whole: torch.Tensor, exchange: MixerExchange, local_len: int, *, seq_dim: int = 1) -> torch.Tensor:
