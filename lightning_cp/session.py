@@ -133,6 +133,7 @@ class ContextParallelSession:
         self.cp_mode = cp_mode
         self.ulysses_size = ulysses_size
         self.mixer_mode = mixer_mode
+        self._attention_hooked = True
         #: The mechanism of every sequence mixer, chosen by :meth:`prepare_model` (none until then).
         self.mixer_plan = MixerPlan({}, {}, {})
         #: The mechanism chosen by :meth:`prepare_model` (the ring until a model is prepared).
@@ -175,6 +176,7 @@ class ContextParallelSession:
                 " `attn_implementation='sdpa'`."
             )
         if id(module) not in self._prepared:
+            self._attention_hooked = bool(names)
             self._choose_mechanism(module)
             self._choose_mixer_mechanisms(mixers)
             # Both model fixes at setup: masks dropped under CP, and SDPA kept out of compiled graphs.
@@ -206,6 +208,8 @@ class ContextParallelSession:
             return "attention by Transformer Engine's own ring (TE attention modules)"
         line = self.mechanism.describe(self.cp_mesh.size())
         line = line if self.mechanism.name == "ulysses" else f"{line}; ring rotation {self.rotate_method}"
+        if not self._attention_hooked:
+            line = "no attention modules"
         mixers = self.mixer_plan.describe(self.cp_mesh.size())
         return f"{line}; {mixers}" if mixers else line
 
