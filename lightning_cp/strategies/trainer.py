@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -23,6 +24,21 @@ from lightning_cp.mesh import Size
 from lightning_cp.strategies.checkpoint import load_checkpoint, loads_here, resume_sampler_epoch
 from lightning_cp.strategies.gradients import average_replicated_gradients, check_sharded_parameters
 from lightning_cp.strategies.shared import DEFAULT_COLLECTIVE_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT, ContextParallelMixin
+
+
+def ignore_lightning_leafspec_warning() -> None:
+    """Ignore the ``LeafSpec`` ``FutureWarning`` that Lightning's own code raises at every fit, and nothing else.
+
+    Lightning 2.6's ``CombinedLoader`` builds ``torch.utils._pytree.LeafSpec()``, which the torch this package
+    pins deprecates, so every rank printed the same two lines that no user code can act on. The filter
+    matches that message, category and Lightning module only; every other warning is left as it is.
+    """
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
 
 
 class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
@@ -124,6 +140,7 @@ class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
 
     @override
     def setup_environment(self) -> None:
+        ignore_lightning_leafspec_warning()  # on every rank, before the loops build their loaders
         self._setup_distributed()
         self._setup_context_parallel_mesh()
         assert self.lightning_module is not None
