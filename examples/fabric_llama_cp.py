@@ -1,7 +1,8 @@
 """Train a small Llama on long synthetic sequences with Lightning Fabric and context parallelism (CPU).
 
 The loop is the user's own; ``strategy.context_parallel(batch)`` shards the batch for this rank and
-keeps ring attention on across forward and ``fabric.backward``. No download: the model is built
+keeps context-parallel attention on (the mechanism cp_mode='auto' picks: Ulysses for this Llama) across
+forward and ``fabric.backward``. No download: the model is built
 from a config.
 
     python examples/fabric_llama_cp.py --seq-len 1024 --steps 20

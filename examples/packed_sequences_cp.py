@@ -3,8 +3,9 @@
 Documents of different lengths are packed into fixed-length rows the way Hugging Face's padding-free
 collator does it: ``position_ids`` restart at 0 for every document and each document's first label is
 -100. lightning_cp recognises the packing, lays every document out across the ranks (head/tail per
-document) and masks attention per document in the ring, so no token attends across a document
-boundary, and the last token of a document does not learn to predict the next document's first.
+document) and masks attention per document (in Ulysses, which cp_mode='auto' picks for this Llama, as
+in the ring), so no token attends across a document boundary, and the last token of a document does
+not learn to predict the next document's first.
 
     python examples/packed_sequences_cp.py --seq-len 1024 --steps 20
 """

@@ -15,7 +15,7 @@ VOCAB_SIZE = 512
 
 
 def small_llama() -> LlamaForCausalLM:
-    """A 2-layer Llama with random weights and SDPA attention (which context parallelism runs as a ring)."""
+    """A 2-layer Llama with random weights and SDPA attention (cp_mode='auto' runs it by Ulysses: its heads split)."""
     config = LlamaConfig(
         vocab_size=VOCAB_SIZE,
         hidden_size=128,

@@ -1,6 +1,8 @@
 """Train a small Llama on long synthetic sequences with the Lightning Trainer and context parallelism (CPU).
 
-Two CPU processes share every sequence (cp=2): each holds half of it, attention runs as a ring. The
+Two CPU processes share every sequence (cp=2): each holds half of it, and attention runs across the
+halves by the mechanism cp_mode='auto' picks for the model (Ulysses for this Llama: an all-to-all trades
+sequence shards for heads; the ring where Ulysses cannot run); the start-up line says which and why. The
 LightningModule (``CausalLM`` in ``small_llama.py``) is plain Lightning + Hugging Face code; the
 strategy and the callback are the only additions. No download: the model is built from a config.
 

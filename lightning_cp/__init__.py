@@ -42,6 +42,7 @@ from lightning_cp.loss import count_label_tokens, reduce_loss, token_correct_los
 from lightning_cp.memory import apply_activation_checkpointing, apply_memory_options, offload_activations  # noqa: E402
 from lightning_cp.sharding.batch import ContextParallelBatchError  # noqa: E402
 from lightning_cp.sharding.te_batch import make_cp_batch_for_te  # noqa: E402
+from lightning_cp.strategies.replicas import broadcast_replicated_state  # noqa: E402
 from lightning_cp.strategies.trainer import ContextParallelStrategy  # noqa: E402
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "ContextParallelStrategy",
     "attach_context_parallel_hooks",
     "attach_cp_sdpa_hooks",
+    "broadcast_replicated_state",
     "count_label_tokens",
     "create_context_parallel_ctx",
     "gather_cp_seq",

@@ -39,8 +39,9 @@ from lightning_cp.attention.switch import (
     switched_on,
     validate_rotate_method,
 )
+from lightning_cp.consistency import check_same_replicas
 from lightning_cp.cp_mode import Mechanism, attention_traits, choose_mechanism, validate_cp_mode
-from lightning_cp.hooks import hooked_attention_modules
+from lightning_cp.hooks import hooked_attention_modules, hooked_model_count, hooked_models
 from lightning_cp.mesh import (
     TENSOR_PARALLEL,
     ContextParallelGroups,
@@ -114,6 +115,7 @@ def create_context_parallel_ctx(
     """
     from torch.distributed.tensor.experimental import context_parallel
 
+    _check_hooked_replicas(cp_mesh)
     saved_rotate_method = attention.rotate_method()
     try:
         if cp_rotate_method is not None:
@@ -127,6 +129,28 @@ def create_context_parallel_ctx(
             yield
     finally:
         attention.set_rotate_method(saved_rotate_method)
+
+
+#: For each CP group (by its process group's id): how many hooked models (in hooking order) were compared over it.
+_REPLICAS_CHECKED: dict[int, int] = {}
+
+
+def _check_hooked_replicas(cp_mesh: DeviceMesh) -> None:
+    """Compare the replicated parameters of the models hooked since the last check over ``cp_mesh``, once each.
+
+    Every rank of the CP group calls it at the same CP step (the functional API's entry points) and hooks the
+    same models, so the decision to check rests on counts that are equal on every rank (never on which models
+    the garbage collector has freed yet), every rank enters the one collective of
+    :func:`~lightning_cp.consistency.check_same_replicas` alike, and all of them raise together for replicas that
+    differ (a model built without a seed). A model is compared at its first CP step only: later steps cost nothing.
+    """
+    count = hooked_model_count()
+    key = id(cp_mesh.get_group())
+    done = _REPLICAS_CHECKED.get(key, 0)
+    if done >= count:
+        return
+    check_same_replicas([(order, model) for order, model in hooked_models() if order >= done], cp_mesh)
+    _REPLICAS_CHECKED[key] = count
 
 
 #: NeMo AutoModel's batch key for a model's own batch-sharding callable (a model that owns its CP attention).
@@ -220,6 +244,7 @@ def make_cp_batch_and_ctx(
         return no_cp_ctx, te_batch
     if mesh_size(cp_mesh) <= 1:
         return no_cp_ctx, batch
+    validate_rotate_method(rotate_method)
     if loss_mask is not None:
         batch = {**batch, "loss_mask": loss_mask}
     cp_size, cp_rank = cp_mesh.size(), cp_mesh.get_local_rank()
@@ -237,7 +262,7 @@ def make_cp_batch_and_ctx(
             batch, cp_size, cp_rank, load_balance=load_balance, padding_token_id=padding_token_id
         )
         span = padded_len
-    validate_rotate_method(rotate_method)
+    _check_hooked_replicas(cp_mesh)  # the first collective: every refusal above was raised on every rank alike
     groups = None if mechanism.name == "ring" else _groups(cp_mesh, mechanism.ulysses_size)
 
     def train_ctx() -> AbstractContextManager[None]:
@@ -300,6 +325,7 @@ def make_target_cp_ctx(
     rank's contiguous chunk and switches ring attention on; run the model on the buffers inside it and
     bring outputs back with :func:`gather_cp_seq` and ``orig_len``.
     """
+    _check_hooked_replicas(cp_mesh)
     orig_len = input_ids.size(1)
     cp_size = cp_mesh.size()
     # a multiple of cp (32·cp on CUDA), with at least two positions per rank (see padded_length)

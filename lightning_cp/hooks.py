@@ -40,6 +40,24 @@ from lightning_cp.validation import ContextParallelInputError
 _hooked_modules: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
+#: Every model given to :func:`attach_context_parallel_hooks` in this process, in that order (weakly held).
+_hooked_models: list[weakref.ref[nn.Module]] = []
+
+
+def hooked_models() -> list[tuple[int, nn.Module]]:
+    """``(order, model)`` for the models given to :func:`attach_context_parallel_hooks` that are still alive.
+
+    ``order`` counts the models in the order they were first hooked, so a program that hooks the same models
+    on every rank names each alike on every rank.
+    """
+    return [(order, model) for order, ref in enumerate(_hooked_models) if (model := ref()) is not None]
+
+
+def hooked_model_count() -> int:
+    """How many models were ever hooked in this process (freed ones included): grows with each new model."""
+    return len(_hooked_models)
+
+
 def hooked_attention_modules() -> dict[str, nn.Module]:
     """The attention modules hooked in this process that are still alive, by the name given at hooking."""
     return {getattr(module, "_lightning_cp_name", type(module).__name__): module for module in _hooked_modules}
@@ -259,6 +277,9 @@ def attach_context_parallel_hooks(model: nn.Module) -> list[str]:
     CP without them: positions made by the model would restart at 0 in every shard. Returns the names of
     the attention modules hooked (attaching twice is harmless: a module is hooked once). Raises a
     ``ContextParallelInputError`` (a ``ValueError``) for a model whose attention no mechanism can run.
+
+    The model is remembered (weakly): the functional API's first CP step after it was hooked compares its
+    replicated parameters over the CP group and refuses replicas that differ (an unseeded model), on every rank.
     """
     for module in _outermost_position_aware_models(model):
         if not hasattr(module, "_lightning_cp_position_index"):
@@ -282,6 +303,10 @@ def attach_context_parallel_hooks(model: nn.Module) -> list[str]:
         module.register_forward_hook(_check_went_through_cp, with_kwargs=True)
         setattr(module, HOOKED_MARK, True)
         _hooked_modules.add(module)
+    order = getattr(model, "_lightning_cp_model_order", None)
+    if order is None or _hooked_models[order]() is not model:  # new, or a deep copy of a hooked model
+        model._lightning_cp_model_order = len(_hooked_models)  # its replicas are compared at its first CP step
+        _hooked_models.append(weakref.ref(model))
     return list(modules)
 
 

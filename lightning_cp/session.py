@@ -9,6 +9,7 @@ first training step's loss is compared with losses that are wrong under CP (``lo
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -447,10 +448,11 @@ class ContextParallelSession:
         finally:
             self.finish()
 
-    def report_failure(self, error: BaseException) -> None:
+    def report_failure(self, error: BaseException, what: str | None = None) -> None:
         """Write to stderr which rank failed and how, so a multi-process log says where a job died.
 
-        A rank that only lost a peer in a collective says so instead of claiming the failure.
+        A rank that only lost a peer in a collective says so instead of claiming the failure; Ctrl-C
+        (``KeyboardInterrupt``) is reported as the interruption it is. ``what`` replaces the description.
         """
         mesh = self.device_mesh
         place = (
@@ -458,12 +460,16 @@ class ContextParallelSession:
             f" context-parallel rank {self.cp_mesh.get_local_rank()})"
         )
         message = str(error)
-        if isinstance(error, dist.DistError) or any(hint in message for hint in ("by peer", "remote worker")):
+        if what is not None:
+            pass
+        elif isinstance(error, KeyboardInterrupt):
+            what = f"was interrupted (Ctrl-C, SIGINT): the job ends with exit code {128 + signal.SIGINT} (128 + SIGINT)"
+        elif isinstance(error, dist.DistError) or any(hint in message for hint in ("by peer", "remote worker")):
             what = (
                 "lost a peer in a collective: another rank failed or died (its error, if it wrote one, is in the log)"
             )
         else:
-            what = f"failed: {type(error).__name__}: {error}"
+            what = f"failed: {type(error).__name__}" + (f": {message}" if message else "")
         print(f"lightning_cp: {place} {what}", file=sys.stderr, flush=True)
 
     def gather_outputs(self, output: Any) -> Any:

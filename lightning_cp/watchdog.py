@@ -94,6 +94,8 @@ class RankWatchdog:
         self._thread = threading.Thread(target=self._run, name="lightning_cp-watchdog", daemon=True)
         self._peer_beats: dict[int, tuple[str, float]] = {}
         self._peer_places: dict[int, tuple[str, int]] = {}
+        #: The first SIGINT or SIGTERM this process received while the watchdog ran (``None``: none).
+        self.received_signal: int | None = None
 
     def start(self) -> RankWatchdog:
         """Start the thread; returns ``self``."""
@@ -133,6 +135,7 @@ class RankWatchdog:
                 terminating = [s for s in received if s in (signal.SIGINT, signal.SIGTERM)]
                 if terminating and signalled is None:
                     signalled = (terminating[0], time.monotonic())
+                    self.received_signal = terminating[0]
             beats += 1
             try:
                 if self._store is not None:

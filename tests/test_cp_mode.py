@@ -122,6 +122,7 @@ def _functional_error(rank: int, world_size: int, case: str) -> str:
     if case == "no_hooks":
         model = tiny_causal_lm("llama")  # hooks never attached: the model builds its mask from its shard
     else:
+        torch.manual_seed(0)  # the same model on every rank (the functional API refuses replicas that differ)
         model = _ModelBypassingCP()
         attach_context_parallel_hooks(model)
     train_ctx, local = make_cp_batch_and_ctx(

@@ -128,9 +128,12 @@ class ContextParallelCallback(Callback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         session = getattr(trainer.strategy, "_session", None)
+        sigterm = isinstance(exception, SIGTERMException)
         if session is not None:
             session.finish()
-            session.report_failure(exception)
-        if isinstance(exception, SIGTERMException) and not exception.code:
+            code = 128 + signal.SIGTERM
+            what = f"received SIGTERM: training stops, and the job ends with exit code {code} (128 + SIGTERM)"
+            session.report_failure(exception, what if sigterm else None)
+        if sigterm and not exception.code:
             # Lightning stops gracefully on SIGTERM and exits 0; a scheduler would read that as success.
             exception.code = 128 + signal.SIGTERM

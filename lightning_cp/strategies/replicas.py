@@ -46,11 +46,15 @@ def _broadcast_flat(tensors: list[torch.Tensor], group: dist.ProcessGroup | None
 
 
 @torch.no_grad()
-def broadcast_replicated_state(module: nn.Module, data_context_mesh: DeviceMesh) -> None:
+def broadcast_replicated_state(module: nn.Module, data_context_mesh: DeviceMesh | None = None) -> None:
     """Give every replica of ``module``'s parameters and buffers the values of its first replica.
 
     Call on every rank, after the model is sharded (FSDP2 / TP) and moved to its device, before the
     optimizer takes its first step. Sharded pieces are left alone: together they already form one model.
+    Plain tensors take global rank 0's values (one broadcast over all ranks per dtype). With the functional
+    API, ``lightning_cp.broadcast_replicated_state(model)`` makes an unseeded model the same on every rank;
+    ``data_context_mesh`` (the data × context ranks) is needed only for DTensors whose mesh leaves those
+    ranks out (tensor parallelism alone), which are otherwise left as they are.
     """
     plain: list[torch.Tensor] = []
     replicated: dict[int, tuple[dist.ProcessGroup, list[torch.Tensor]]] = {}
@@ -58,7 +62,7 @@ def broadcast_replicated_state(module: nn.Module, data_context_mesh: DeviceMesh)
         if not isinstance(tensor, DTensor):
             plain.append(tensor.data)
             continue
-        if not spans_data_context(tensor) and data_context_mesh.size() > 1:
+        if data_context_mesh is not None and not spans_data_context(tensor) and data_context_mesh.size() > 1:
             group = data_context_mesh.get_group()
             replicated.setdefault(id(group), (group, []))[1].append(tensor.to_local())
         mesh = tensor.device_mesh

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -166,6 +167,18 @@ class ContextParallelMixin:
         if self._watchdog is not None:
             watchdog, self._watchdog = self._watchdog, None
             watchdog.stop()
+
+    def _signal_exit_code(self, exception: BaseException) -> int | None:
+        """128 + the signal that ended the job, or ``None`` when no signal did.
+
+        Ctrl-C raises ``KeyboardInterrupt`` on a rank that runs Python code; a rank blocked in a collective at
+        that moment gets the peer's departure as an error instead, so the signals this rank's watchdog heard
+        count too (Note [rank watchdog]).
+        """
+        if isinstance(exception, KeyboardInterrupt):
+            return 128 + signal.SIGINT
+        received = self._watchdog.received_signal if self._watchdog is not None else None
+        return None if received is None else 128 + received
 
     def _apply_memory_options(self, module: torch.nn.Module) -> None:
         """Chunked loss and activation checkpointing on the user's model (before the session wraps its loss)."""

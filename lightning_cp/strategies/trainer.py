@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+import warnings
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -23,6 +26,21 @@ from lightning_cp.mesh import Size
 from lightning_cp.strategies.checkpoint import load_checkpoint, loads_here, resume_sampler_epoch
 from lightning_cp.strategies.gradients import average_replicated_gradients, check_sharded_parameters
 from lightning_cp.strategies.shared import DEFAULT_COLLECTIVE_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT, ContextParallelMixin
+
+
+def ignore_lightning_leafspec_warning() -> None:
+    """Ignore the ``LeafSpec`` ``FutureWarning`` that Lightning's own code raises at every fit, and nothing else.
+
+    Lightning 2.6's ``CombinedLoader`` builds ``torch.utils._pytree.LeafSpec()``, which the torch this package
+    pins deprecates, so every rank printed the same two lines that no user code can act on. The filter
+    matches that message, category and Lightning module only; every other warning is left as it is.
+    """
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
 
 
 class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
@@ -118,6 +136,7 @@ class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
         )
         self._gather_predictions = gather_predictions
         self._callback_attached = False
+        self._exit_code: int | None = None
 
     def attach_callback(self) -> None:
         """Note that :class:`~lightning_cp.callbacks.ContextParallelCallback` will shard the batches.
@@ -129,6 +148,7 @@ class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
 
     @override
     def setup_environment(self) -> None:
+        ignore_lightning_leafspec_warning()  # on every rank, before the loops build their loaders
         self._setup_distributed()
         self._setup_context_parallel_mesh()
         assert self.lightning_module is not None
@@ -163,6 +183,33 @@ class ContextParallelStrategy(ContextParallelMixin, ModelParallelStrategy):
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        """Note the exit code a signal calls for (Ctrl-C: 130), for :meth:`teardown`."""
+        super().on_exception(exception)
+        self._exit_code = self._signal_exit_code(exception)
+
+    @override
+    def teardown(self) -> None:
+        """Lightning's teardown; after Ctrl-C or SIGTERM, end the process with 128 + the signal.
+
+        Lightning ends a run stopped by Ctrl-C with ``sys.exit(1)`` right after this teardown (and a rank blocked
+        in a collective at that moment fails with a lost peer instead); a shell or scheduler would read neither
+        as an interruption. So the process exits with 128 + the signal (130 for Ctrl-C) on every rank, as it
+        does when the watchdog ends blocked ranks, after killing the ranks it launched (which Lightning does
+        after this teardown, too). A ``SystemExit``: ``finally`` blocks and ``atexit`` handlers still run.
+        """
+        code, self._exit_code = self._exit_code, None
+        super().teardown()
+        if code is None:
+            return
+        launcher = self.launcher
+        if launcher is not None and getattr(launcher, "procs", None):
+            launcher.kill(signal.SIGKILL)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        raise SystemExit(code)
 
     @override
     def optimizer_step(
