@@ -36,6 +36,8 @@ from lightning_cp.mixers.detect import is_sequence_mixer
 from lightning_cp.mixers.hooks import attach_mixer_hooks
 from lightning_cp.validation import ContextParallelInputError
 
+#: Set on attention modules whose SDPA :func:`attach_cp_sdpa_hooks` keeps out of compiled graphs.
+_SDPA_HOOKED_MARK = "_lightning_cp_sdpa_hooked"
 #: Every attention module hooked in this process (for ``cp_mode="auto"`` of the functional API).
 _hooked_modules: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
@@ -337,5 +339,10 @@ def attach_cp_sdpa_hooks(model: nn.Module, cp_mesh: DeviceMesh) -> None:
         F.scaled_dot_product_attention = saved.pop()
 
     for module in find_attention_modules(model).values():
+        # once per module: a second pair would restore in install order, not in reverse, and leave SDPA
+        # pointing at a wrapper that calls itself (a Trainer's validate, predict and fit each set the model up)
+        if getattr(module, _SDPA_HOOKED_MARK, False):
+            continue
         module.register_forward_pre_hook(install)
         module.register_forward_hook(restore, always_call=True)
+        setattr(module, _SDPA_HOOKED_MARK, True)

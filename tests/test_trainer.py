@@ -25,10 +25,15 @@ def _train(tmp_path: Path, *args: str) -> dict:
 
 @pytest.mark.parametrize(
     "layout,accumulate,cp_mode",
-    [("replicate", 1, "auto"), ("fsdp", 1, "ring"), ("replicate", 2, "ring"), ("fsdp", 2, "auto")],
+    # replicate / 1 / auto: in test_one_launch_validates_predicts_and_trains_like_one_process
+    [("fsdp", 1, "ring"), ("replicate", 2, "ring"), ("fsdp", 2, "auto")],
 )
 def test_cp2_training_equals_one_process_training(tmp_path, layout, accumulate, cp_mode, assert_same_training):
     run = _train(tmp_path, "--layout", layout, "--accumulate", str(accumulate), "--cp-mode", cp_mode)
+    _check_training(run, accumulate, cp_mode, assert_same_training)
+
+
+def _check_training(run: dict, accumulate: int, cp_mode: str, assert_same_training) -> None:
     assert_same_training(run, reference_sgd_run(steps=5, accumulate=accumulate, lr=LR))
     # the logged train_loss is the loss of the whole sequence, not a shard's share
     torch.testing.assert_close(run["logged_train_loss"], run["losses"][-1], rtol=1e-6, atol=0)
@@ -37,6 +42,15 @@ def test_cp2_training_equals_one_process_training(tmp_path, layout, accumulate, 
     assert "sequence 130 tokens (padded to 132) -> 66 per rank" in run["log"]
     mechanism = "Ulysses over 2 ranks: auto" if cp_mode == "auto" else "ring over 2 ranks: cp_mode='ring'"
     assert f"attention by {mechanism}" in run["log"]
+
+
+def test_one_launch_validates_predicts_and_trains_like_one_process(tmp_path, assert_same_training):
+    """One Trainer launch (replicated, no accumulation, cp_mode="auto"): validation and prediction on the initial
+    weights, then training; each checked against one process."""
+    run = _train(tmp_path, "--validate", "--predict", "--fit")
+    _check_training(run, 1, "auto", assert_same_training)
+    _check_validation_losses(run)
+    _check_predictions(run)
 
 
 def test_bf16_mixed_training_with_cp2_is_as_close_to_fp32_as_bf16_mixed_without_cp(tmp_path):
@@ -118,8 +132,8 @@ def test_two_nodes_train_as_one_node_with_the_same_ranks(tmp_path, assert_same_t
     assert "data_parallel=1 × context_parallel=2 × tensor_parallel=1 on 2 processes" in logs[0]
 
 
-def test_validation_loss_with_cp2_equals_without_cp(tmp_path):
-    run = _train(tmp_path, "--validate")
+def _check_validation_losses(run: dict) -> None:
+    """The validation losses under CP are those of the initial model without CP."""
     model = tiny_causal_lm("llama")
     samples = hf_style_samples(2 * BATCH_SIZE)
     with torch.no_grad():
@@ -130,8 +144,8 @@ def test_validation_loss_with_cp2_equals_without_cp(tmp_path):
     torch.testing.assert_close(run["val_losses"], torch.stack(expected), rtol=1e-5, atol=0)
 
 
-def test_predictions_come_back_gathered_to_full_length(tmp_path):
-    run = _train(tmp_path, "--predict")
+def _check_predictions(run: dict) -> None:
+    """Predictions come back gathered to the full length, equal to the initial model's logits without CP."""
     samples = hf_style_samples(BATCH_SIZE)
     with torch.no_grad():
         expected = tiny_causal_lm("llama")(input_ids=torch.stack([s["input_ids"] for s in samples])).logits

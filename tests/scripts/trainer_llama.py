@@ -160,6 +160,7 @@ def main() -> None:
     parser.add_argument("--diverge-at", type=int, default=-1, help="ranks > 0 alter their batches from this one on")
     parser.add_argument("--validate", action="store_true")
     parser.add_argument("--predict", action="store_true")
+    parser.add_argument("--fit", action="store_true", help="with --validate / --predict: train after them")
     parser.add_argument("--manual", action="store_true", help="manual optimization in training_step")
     parser.add_argument("--no-callback", action="store_true")
     parser.add_argument("--no-attention", action="store_true")
@@ -223,9 +224,9 @@ def main() -> None:
     if args.validate:
         trainer.validate(module)
         result["val_losses"] = torch.stack(module.val_losses)
-    elif args.predict:
+    if args.predict:
         result["predictions"] = trainer.predict(module)
-    else:
+    if args.fit or not (args.validate or args.predict):  # one launch may validate and predict first, then train
         trainer.fit(module, ckpt_path=args.resume)
         result["losses"] = torch.stack(module.train_losses).cpu()
         result["logged_train_loss"] = trainer.callback_metrics["train_loss"].clone()
