@@ -113,7 +113,10 @@ def _cases(rank: int, world_size: int, cases: list[tuple]) -> dict:
 #: by "gather", packed rows, a sequence that is padded, and the negative controls.
 CP2_CASES = [
     *[(family, "auto", 64, False, "none") for family in MIXER_NAMES],
-    *[(family, "gather", 64, False, "none") for family in ("qwen3_next", "nemotron_h", "lfm2", "jamba")],
+    *[
+        (family, "gather", 64, False, "none")
+        for family in ("qwen3_next", "nemotron_h", "lfm2", "jamba", "recurrent_gemma")
+    ],
     *[(family, "auto", 64, True, "none") for family in ("qwen3_5", "bamba", "lfm2", "jamba", "recurrent_gemma")],
     ("mamba2", "auto", 61, False, "none"),
     ("qwen3_next", "auto", 64, False, "cache"),
@@ -122,8 +125,9 @@ CP2_CASES = [
     ("granitemoehybrid", "auto", 64, False, "embeds"),
     ("qwen3_next", "auto", 64, False, "mechanism"),
     ("mamba2", "auto", 64, False, "mechanism"),
+    ("recurrent_gemma", "auto", 64, False, "mechanism"),
     ("qwen3_next", "all_to_all", 64, False, "no_reorder"),
-    ("recurrent_gemma", "all_to_all", 64, False, "none"),
+    ("minimax", "all_to_all", 64, False, "none"),
 ]
 #: Families whose every mixer the all-to-all runs (the rest are gathered under "auto").
 ALL_TO_ALL = {
@@ -138,6 +142,7 @@ ALL_TO_ALL = {
     "lfm2",
     "jamba",
     "kimi_linear",
+    "recurrent_gemma",
 }
 
 
@@ -173,8 +178,8 @@ def test_mixer_negative_controls_fail(cp2_results: list[dict], case: tuple) -> N
 
 def test_all_to_all_refuses_a_mixer_it_cannot_run_on_every_rank(cp2_results: list[dict]) -> None:
     for rank_results in cp2_results:
-        message = rank_results[("recurrent_gemma", "all_to_all", 64, False, "none")]["refused"]
-        assert "`model.layers.0.temporal_block` (recurrence) mixes positions in its own code" in message, message
+        message = rank_results[("minimax", "all_to_all", 64, False, "none")]["refused"]
+        assert "`model.layers.0.self_attn` (lightning attention) mixes positions in its own code" in message, message
         assert "gather" in message
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from lightning_cp.attention.ulysses import ulysses_head_error, ulysses_sizes_that_work
-from lightning_cp.mixers.heads import ROUTES, UNROUTED, depthwise_conv_error
+from lightning_cp.mixers.heads import MODULE_ROUTED_MIXERS, MODULE_ROUTES, ROUTES, UNROUTED, depthwise_conv_error
 
 _STATE_SPACE_PARAMETERS = ("A_log", "dt_bias")
 _MIXER_CLASS_HINTS = (
@@ -146,8 +146,31 @@ def _heads(module: nn.Module, called: tuple[str, ...]) -> tuple[int, int] | None
     return None
 
 
+def _module_routed_traits(name: str, module: nn.Module) -> MixerTraits:
+    """Traits of a mixer whose parts are modules (:data:`~lightning_cp.mixers.heads.MODULE_ROUTED_MIXERS`)."""
+    parts = {
+        MODULE_ROUTES[type(child).__name__][1] for child in module.children() if type(child).__name__ in MODULE_ROUTES
+    }
+    conv = next((child for child in module.children() if _is_sequence_conv(child)), None)
+    causal = conv is None or tuple(conv.padding) == (conv.kernel_size[0] - 1,)
+    blocks = next(
+        (child.num_attention_heads for child in module.children() if hasattr(child, "num_attention_heads")), None
+    )
+    return MixerTraits(
+        name=name,
+        kind=_kind(module, ()),
+        parts=frozenset(parts),
+        heads=(blocks, blocks) if blocks is not None else None,
+        conv=conv,
+        unroutable=None if causal else "has a convolution that is not causal",
+        head_names=("head blocks", "head blocks"),
+    )
+
+
 def mixer_traits(name: str, module: nn.Module) -> MixerTraits:
     """Read a mixer's :class:`MixerTraits` from the module and the functions its ``forward`` calls."""
+    if type(module).__name__ in MODULE_ROUTED_MIXERS:
+        return _module_routed_traits(name, module)
     called = _functions_called(module)
     kind = _kind(module, called)
     routed = [function for function in called if ROUTES[function][1] is not None] if set(called) <= set(ROUTES) else []

@@ -33,12 +33,13 @@ from types import ModuleType
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lightning_cp.attention.switch import active_context_parallel
 from lightning_cp.attention.ulysses import heads_to_sequence, sequence_to_heads, ulysses_head_error
 from lightning_cp.mixers import switch
-from lightning_cp.mixers.exchange import MixerExchange, ordered_from_rank_order, rank_order_from_ordered
+from lightning_cp.mixers.exchange import MixerExchange, ordered_from_rank_order, rank_order_from_ordered, to_whole_row
 from lightning_cp.validation import ContextParallelInputError
 
 #: Set on the routers that replace a modeling module's mixer functions.
@@ -65,8 +66,9 @@ def _spread(tensor: torch.Tensor, heads: int, size: int, dim: int) -> torch.Tens
 class _LocalView:
     """A module as a mixer function must see it on a rank holding ``local`` of its ``heads`` heads.
 
-    Parameters with one entry per head along their first dimension (``A_log``, ``D``, ``dt_bias``, a
-    depthwise convolution's weight and bias) are narrowed to the rank's heads; ``counts`` overrides
+    Parameters with one entry (or one block of entries) per head along their first dimension (``A_log``,
+    ``D``, ``dt_bias``, a depthwise convolution's weight and bias) are narrowed to the rank's heads;
+    ``counts`` overrides
     sizes the function reads (``num_heads``, ...); ``children`` are submodules seen the same way.
     Everything else is read from the module.
     """
@@ -82,8 +84,10 @@ class _LocalView:
     ) -> None:
         self._module = module
         for name, parameter in module.named_parameters(recurse=False):
-            if parameter.ndim >= 1 and parameter.size(0) == heads:
-                setattr(self, name, parameter.narrow(0, rank * local, local))
+            # one entry, or one block of entries (RG-LRU's per-channel parameter over head blocks), per head
+            if parameter.ndim >= 1 and parameter.size(0) % heads == 0:
+                per_head = parameter.size(0) // heads
+                setattr(self, name, parameter.narrow(0, rank * local * per_head, local * per_head))
         for name, value in counts.items():
             setattr(self, name, value)
         for name in children:  # submodules whose per-head parameters the function reads (Mamba's dt_proj.bias)
@@ -229,6 +233,72 @@ def mamba_scan_through_cp(
     out = original(view, x, step, b, c, z, None, **kwargs)
     switch.record("scan")
     return _shard(out, exchange, split_dim=1, seq_dim=2)
+
+
+def conv_module_through_cp(module: nn.Conv1d, hidden_states: torch.Tensor) -> torch.Tensor:
+    """A depthwise causal ``nn.Conv1d`` called as a module (``conv(x)[..., :seq_len]``, RecurrentGemma's) on whole
+    sequences for this rank's channels; returned padded as the module's own output is, ``kernel - 1`` longer."""
+    exchange = _exchange()
+    channels, size = hidden_states.size(1), exchange.size
+    _refuse_split(f"a causal convolution over {channels} channels", depthwise_conv_error(module, size))
+    local = channels // size
+    view = _LocalView(module, channels, exchange.rank, local, {})
+    x = _whole(hidden_states, exchange, split_dim=1, seq_dim=2)
+    out = F.conv1d(x, view.weight, view.bias, padding=module.padding, dilation=module.dilation, groups=local)
+    out = _shard(out.narrow(2, 0, x.size(2)), exchange, split_dim=1, seq_dim=2)
+    switch.record("conv")
+    return F.pad(out, (0, module.kernel_size[0] - 1))
+
+
+def rg_lru_through_cp(module: nn.Module, activations: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """RecurrentGemma's RG-LRU (gates per head block, a recurrence per channel that restarts where
+    ``position_ids`` is 0) on whole sequences for this rank's head blocks."""
+    exchange = _exchange()
+    heads, size = module.num_attention_heads, exchange.size
+    if heads % size:
+        _refuse_split(f"an RG-LRU of {heads} head blocks", f"{heads} head blocks do not split over {size} ranks")
+    local = heads // size
+    x = _whole(activations, exchange, split_dim=2)
+    positions = to_whole_row(position_ids, exchange)
+    view = _LocalView(module, heads, exchange.rank, local, {"num_attention_heads": local, "recurrent_states": None})
+    out = type(module).forward(view, x, positions)
+    switch.record("scan")
+    return _shard(out, exchange, split_dim=2)
+
+
+#: Mixers whose parts are modules called by the mixer (not named functions), and which mix positions nowhere
+#: else: :data:`MODULE_ROUTES` runs those parts.
+MODULE_ROUTED_MIXERS = ("RecurrentGemmaRecurrentBlock",)
+#: Mixer parts that models call as modules, not as named functions: what runs each under CP, and its part.
+MODULE_ROUTES: dict[str, tuple[Callable[..., Any], str]] = {
+    "Conv1d": (conv_module_through_cp, "conv"),
+    "RecurrentGemmaRglru": (rg_lru_through_cp, "scan"),
+}
+
+
+def route_mixer_modules(mixer: nn.Module) -> None:
+    """Route the children of ``mixer`` that :data:`MODULE_ROUTES` runs through CP (their own forward otherwise)."""
+    for child in mixer.children():
+        route = MODULE_ROUTES.get(type(child).__name__)
+        if route is None or getattr(child, _ROUTED_MARK, False):
+            continue
+        handler, _ = route
+        original = child.forward
+
+        def routed(
+            *args: Any,
+            handler: Callable[..., Any] = handler,
+            child: nn.Module = child,
+            original: Callable[..., Any] = original,
+            **kwargs: Any,
+        ) -> Any:
+            if switch.active_mixer_exchange() is None or switch.innermost_mechanism() != "all_to_all":
+                return original(*args, **kwargs)
+            with switch.running_whole():
+                return handler(child, *args, **kwargs)
+
+        child.forward = routed
+        setattr(child, _ROUTED_MARK, True)
 
 
 def _fused_steps_aside(original: Callable[..., Any], *args: Any, **kwargs: Any) -> None:

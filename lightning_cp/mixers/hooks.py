@@ -20,7 +20,7 @@ from torch import nn
 from lightning_cp.mixers import switch
 from lightning_cp.mixers.detect import find_sequence_mixers, mixer_traits
 from lightning_cp.mixers.exchange import MixerExchange
-from lightning_cp.mixers.heads import route_mixer_functions
+from lightning_cp.mixers.heads import MODULE_ROUTED_MIXERS, route_mixer_functions, route_mixer_modules
 from lightning_cp.mixers.mode import MixerPlan, choose_mixer_mechanisms
 from lightning_cp.mixers.switch import mixers_on
 from lightning_cp.mixers.whole_sequence import whole_sequence_hook, whole_sequence_pre_hook
@@ -112,6 +112,8 @@ def attach_mixer_hooks(model: nn.Module) -> dict[str, nn.Module]:
         traits = mixer_traits(name, module)
         module._lightning_cp_mixer_parts = traits.parts
         route_mixer_functions(module)
+        if type(module).__name__ in MODULE_ROUTED_MIXERS:
+            route_mixer_modules(module)
         module.register_forward_pre_hook(_mixer_pre_hook, with_kwargs=True)
         module.register_forward_hook(_mixer_hook, with_kwargs=True)
         setattr(module, _HOOKED_MARK, True)
