@@ -1,0 +1,153 @@
+"""Live groups of gloo ranks for the tests: started once per world size, each case dispatched to them.
+
+Starting a rank costs seconds (a new interpreter importing torch, transformers and lightning_cp, then a
+rendezvous); a case usually costs less. So, as torch's own distributed tests do, the suite keeps one group
+of processes per world size alive and sends it one case after another: ``fn(rank, world_size, *args)`` on
+every rank, the results back by rank. Each rank collects garbage after a case, so modules a case hooked
+are gone before the next (the functional API's ``"auto"`` decides from the modules hooked in the process).
+
+A case that fails on some ranks while the others wait in a collective, a case past its timeout, or a rank
+that died leaves the group unusable: it is killed, the case is reported by name with each rank's
+traceback, and the next case gets a fresh group.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import os
+import queue
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lightning_cp.launch import free_port
+
+#: After one rank fails, how long the others get to finish (or fail) before the group counts as stuck.
+_GRACE_S = 10.0
+
+
+def _serve(rank: int, world_size: int, port: int, threads: int, tasks: Any, results: Any) -> None:
+    """A rank of a live group: run the cases it is sent until it is sent ``None``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+    while (task := tasks.get()) is not None:
+        fn, args = task
+        try:
+            results.put((rank, True, fn(rank, world_size, *args)))
+        except BaseException:  # noqa: BLE001 - reported to the test, which raises it
+            results.put((rank, False, traceback.format_exc()))
+        finally:
+            gc.collect()
+    dist.destroy_process_group()
+    # skip interpreter teardown, where gloo's threads now and then abort a finished process (lightning_cp.launch)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+class RankGroup:
+    """``world_size`` live gloo ranks that run one case at a time."""
+
+    def __init__(self, world_size: int, threads_per_rank: int = 1) -> None:
+        context = mp.get_context("spawn")
+        self.world_size = world_size
+        self._tasks = [context.SimpleQueue() for _ in range(world_size)]
+        self._results = context.Queue()
+        port = free_port()
+        self._processes = [
+            context.Process(
+                target=_serve,
+                args=(rank, world_size, port, threads_per_rank, self._tasks[rank], self._results),
+                daemon=True,
+            )
+            for rank in range(world_size)
+        ]
+        for process in self._processes:
+            process.start()
+
+    def alive(self) -> bool:
+        """Whether every rank is still running."""
+        return all(process.is_alive() for process in self._processes)
+
+    def run(self, fn: Callable[..., Any], args: tuple[Any, ...], timeout: float) -> list[Any]:
+        """``fn(rank, world_size, *args)`` on every rank; the results by rank, or an error naming the case.
+
+        Raises ``RuntimeError`` with each failing rank's traceback, or ``TimeoutError``; in both cases the
+        group is closed when it may be stuck (the caller then starts another).
+        """
+        for tasks in self._tasks:
+            tasks.put((fn, args))
+        outcomes: dict[int, tuple[bool, Any]] = {}
+        deadline = time.monotonic() + timeout
+        while len(outcomes) < self.world_size:
+            now = time.monotonic()
+            if now > deadline:
+                self.close(kill=True)
+                if outcomes:
+                    break  # some ranks failed, the others are stuck in a collective: report the failures
+                raise TimeoutError(f"{_case(fn)} did not finish on {self.world_size} ranks within {timeout:.0f} s")
+            try:
+                rank, ok, payload = self._results.get(timeout=min(1.0, deadline - now))
+            except queue.Empty:
+                if not self.alive():
+                    self.close(kill=True)
+                    raise RuntimeError(f"a rank died while running {_case(fn)}") from None
+                continue
+            outcomes[rank] = (ok, payload)
+            if not ok:
+                deadline = min(deadline, time.monotonic() + _GRACE_S)
+        failures = {rank: payload for rank, (ok, payload) in outcomes.items() if not ok}
+        if failures:
+            if len(outcomes) < self.world_size:
+                self.close(kill=True)
+            report = "\n".join(f"--- rank {rank} ---\n{text}" for rank, text in sorted(failures.items()))
+            raise RuntimeError(f"{_case(fn)} failed on rank(s) {sorted(failures)}:\n{report}")
+        return [outcomes[rank][1] for rank in range(self.world_size)]
+
+    def close(self, kill: bool = False) -> None:
+        """Stop the ranks: ask them to finish (or kill them), and wait."""
+        for process, tasks in zip(self._processes, self._tasks, strict=True):
+            if kill or not process.is_alive():
+                process.kill()
+            else:
+                tasks.put(None)
+        for process in self._processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+
+
+def _case(fn: Callable[..., Any]) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
+
+
+_groups: dict[int, RankGroup] = {}
+
+
+def run_in_pool(fn: Callable[..., Any], *args: Any, world_size: int = 2, timeout: float = 300) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on the live group of ``world_size`` ranks (started on first use,
+    replaced when a case left it unusable); return the results by rank."""
+    group = _groups.get(world_size)
+    if group is None or not group.alive():
+        group = _groups[world_size] = RankGroup(world_size)
+    try:
+        return group.run(fn, args, timeout)
+    finally:
+        if not group.alive():
+            _groups.pop(world_size, None)
+
+
+@atexit.register
+def _close_groups() -> None:
+    for group in _groups.values():
+        group.close()
+    _groups.clear()
