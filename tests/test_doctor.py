@@ -22,8 +22,16 @@ from models import (
     tiny_causal_lm,
 )
 from plain_lm import plain_lm_loss, plain_lm_with_sdpa_imported_by_name
+from rank_pool import run_in_pool
 
 from lightning_cp.doctor import check
+
+
+@pytest.fixture(autouse=True)
+def _ranks_from_the_pool(monkeypatch):
+    """The doctor's ranks come from the suite's live group (tests/rank_pool.py) instead of fresh processes:
+    the same real gloo ranks, started once. The command-line tests run the doctor in a process of its own."""
+    monkeypatch.setattr("lightning_cp.doctor.run_on_local_ranks", run_in_pool)
 
 
 def _loss_shifting_inside_the_shard(model, batch):
