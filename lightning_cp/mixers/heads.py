@@ -28,6 +28,7 @@ times first, as Ulysses does for key/value heads, and autograd sums the copies' 
 from __future__ import annotations
 
 import sys
+import types
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -276,29 +277,24 @@ MODULE_ROUTES: dict[str, tuple[Callable[..., Any], str]] = {
 }
 
 
+def _routed_module_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The ``forward`` of a routed mixer part: its class's own outside the all-to-all, its route inside."""
+    if switch.active_mixer_exchange() is None or switch.innermost_mechanism() != "all_to_all":
+        return type(self).forward(self, *args, **kwargs)
+    handler, _ = MODULE_ROUTES[type(self).__name__]
+    with switch.running_whole():
+        return handler(self, *args, **kwargs)
+
+
 def route_mixer_modules(mixer: nn.Module) -> None:
-    """Route the children of ``mixer`` that :data:`MODULE_ROUTES` runs through CP (their own forward otherwise)."""
+    """Route the children of ``mixer`` that :data:`MODULE_ROUTES` runs through CP (their own forward otherwise).
+
+    The route is a method bound to the child, so a deep copy of the model (an EMA copy, say) routes its own.
+    """
     for child in mixer.children():
-        route = MODULE_ROUTES.get(type(child).__name__)
-        if route is None or getattr(child, _ROUTED_MARK, False):
-            continue
-        handler, _ = route
-        original = child.forward
-
-        def routed(
-            *args: Any,
-            handler: Callable[..., Any] = handler,
-            child: nn.Module = child,
-            original: Callable[..., Any] = original,
-            **kwargs: Any,
-        ) -> Any:
-            if switch.active_mixer_exchange() is None or switch.innermost_mechanism() != "all_to_all":
-                return original(*args, **kwargs)
-            with switch.running_whole():
-                return handler(child, *args, **kwargs)
-
-        child.forward = routed
-        setattr(child, _ROUTED_MARK, True)
+        if type(child).__name__ in MODULE_ROUTES and not getattr(child, _ROUTED_MARK, False):
+            child.forward = types.MethodType(_routed_module_forward, child)
+            setattr(child, _ROUTED_MARK, True)
 
 
 def _fused_steps_aside(original: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
