@@ -28,10 +28,12 @@ from lightning_cp.doctor import check
 
 
 @pytest.fixture(autouse=True)
-def _ranks_from_the_pool(monkeypatch):
+def _ranks_from_the_pool(request, monkeypatch):
     """The doctor's ranks come from the suite's live group (tests/rank_pool.py) instead of fresh processes:
-    the same real gloo ranks, started once. The command-line tests run the doctor in a process of its own."""
-    monkeypatch.setattr("lightning_cp.doctor.run_on_local_ranks", run_in_pool)
+    the same real gloo ranks, started once. A test whose model factory changes its process for good (registers
+    an attention function) is marked ``fresh_processes``; the command-line tests run the doctor on their own."""
+    if request.node.get_closest_marker("fresh_processes") is None:
+        monkeypatch.setattr("lightning_cp.doctor.run_on_local_ranks", run_in_pool)
 
 
 def _loss_shifting_inside_the_shard(model, batch):
@@ -56,6 +58,7 @@ def test_healthy_models_are_exact(family):
     assert len(report.attention_modules) == 2
 
 
+@pytest.mark.fresh_processes  # the factory registers its own "sdpa" attention function in the ranks' processes
 def test_attention_that_bypasses_the_ring_is_named():
     # Ulysses runs this attention function on whole sequences whatever SDPA it calls; the ring cannot
     report = check(llama_with_sdpa_imported_by_name, lm_batch(seq_len=128), cp_mode="ring")
