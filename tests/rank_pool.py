@@ -5,6 +5,8 @@ rendezvous); a case usually costs less. So, as torch's own distributed tests do,
 of processes per world size alive and sends it one case after another: ``fn(rank, world_size, *args)`` on
 every rank, the results back by rank. Each rank collects garbage after a case, so modules a case hooked
 are gone before the next (the functional API's ``"auto"`` decides from the modules hooked in the process).
+A case must leave its process as it found it; one that cannot (it registers a function with transformers, say)
+starts fresh processes with ``run_on_local_ranks`` instead (the doctor's tests mark it ``fresh_processes``).
 
 A case that fails on some ranks while the others wait in a collective, a case past its timeout, or a rank
 that died leaves the group unusable: it is killed, the case is reported by name with each rank's
