@@ -48,6 +48,7 @@ from lightning_cp.mixers.heads import route_loaded_mixer_functions
 from lightning_cp.mixers.hooks import apply_mixer_plan, attach_mixer_hooks, refuse_mixers_with_transformer_engine
 from lightning_cp.mixers.mode import MixerPlan, choose_mixer_mechanisms, validate_mixer_mode
 from lightning_cp.mixers.switch import mixers_on
+from lightning_cp.rank_errors import lost_a_peer
 from lightning_cp.sharding.batch import IGNORE_INDEX, next_token_labels, primary_input_key, shard_cp_batch
 from lightning_cp.sharding.packing import PackedLayout, gather_packed, is_packed, plan_packed_batch, shard_packed_batch
 from lightning_cp.sharding.sequence import gather_sequence
@@ -464,7 +465,7 @@ class ContextParallelSession:
             pass
         elif isinstance(error, KeyboardInterrupt):
             what = f"was interrupted (Ctrl-C, SIGINT): the job ends with exit code {128 + signal.SIGINT} (128 + SIGINT)"
-        elif isinstance(error, dist.DistError) or any(hint in message for hint in ("by peer", "remote worker")):
+        elif lost_a_peer(error):
             what = (
                 "lost a peer in a collective: another rank failed or died (its error, if it wrote one, is in the log)"
             )
