@@ -62,6 +62,7 @@ from lightning_cp.sharding.ulysses import (
     ring_layout,
 )
 from lightning_cp.validation import check_tensor_parallel_heads
+from lightning_cp.watchdog import TerminatedBySignal
 
 
 @dataclass
@@ -138,6 +139,8 @@ class ContextParallelSession:
         self._attention_hooked = True
         #: The mechanism of every sequence mixer, chosen by :meth:`prepare_model` (none until then).
         self.mixer_plan = MixerPlan({}, {}, {})
+        #: The last error :meth:`report_failure` wrote a line about (so that it is not reported twice).
+        self.reported: BaseException | None = None
         #: The mechanism chosen by :meth:`prepare_model` (the ring until a model is prepared).
         self.mechanism = Mechanism("ring", 1, "no model prepared")
         self._groups: ContextParallelGroups | None = None
@@ -461,10 +464,14 @@ class ContextParallelSession:
             f" context-parallel rank {self.cp_mesh.get_local_rank()})"
         )
         message = str(error)
+        self.reported = error
         if what is not None:
             pass
         elif isinstance(error, KeyboardInterrupt):
             what = f"was interrupted (Ctrl-C, SIGINT): the job ends with exit code {128 + signal.SIGINT} (128 + SIGINT)"
+        elif isinstance(error, TerminatedBySignal):
+            name, code = signal.Signals(error.signum).name, 128 + error.signum
+            what = f"received {name}: training stops, and the job ends with exit code {code} (128 + {name})"
         elif lost_a_peer(error):
             what = (
                 "lost a peer in a collective: another rank failed or died (its error, if it wrote one, is in the log)"

@@ -47,6 +47,21 @@ SIGNAL_GRACE = 5.0
 _SILENT_BEATS = 3
 
 
+class TerminatedBySignal(BaseException):
+    """Raised in the main thread of a rank that received ``signum`` (SIGTERM), where no one else handles it.
+
+    Not an ``Exception``: ``except Exception`` lets it through, ``finally`` blocks run, and the rank then
+    exits with 128 + ``signum`` (the Fabric strategy raises it; the Trainer has Lightning's own).
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    def __str__(self) -> str:
+        return f"received {signal.Signals(self.signum).name}"
+
+
 def _rendezvous_store(timeout: timedelta) -> dist.Store | None:
     """A connection of our own to the job's rendezvous store (its short timeout leaves the job's alone)."""
     host, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")

@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--chunked-loss", type=int, default=0, help="tokens per loss chunk (0: off)")
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--custom-loss", action="store_true", help="loss from logits via the strategy's helper")
+    parser.add_argument("--announce-steps", action="store_true", help="print a line at each training step")
     replica_sync_options(parser)
     model_options(parser)
     args = parser.parse_args()
@@ -71,7 +72,9 @@ def main() -> None:
     samples = training_samples(args.steps * BATCH_SIZE, packed=args.packed)
     loader = fabric.setup_dataloaders(DataLoader(samples, batch_size=BATCH_SIZE))
     losses = []
-    for batch in loader:
+    for step, batch in enumerate(loader):
+        if args.announce_steps:
+            print(f"rank {fabric.global_rank} training step {step}", flush=True)
         with strategy.context_parallel(batch):
             if args.custom_loss and args.chunked_loss:  # a loss of one's own, from hidden states in chunks
                 hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
