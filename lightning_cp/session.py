@@ -48,6 +48,7 @@ from lightning_cp.mixers.heads import route_loaded_mixer_functions
 from lightning_cp.mixers.hooks import apply_mixer_plan, attach_mixer_hooks, refuse_mixers_with_transformer_engine
 from lightning_cp.mixers.mode import MixerPlan, choose_mixer_mechanisms, validate_mixer_mode
 from lightning_cp.mixers.switch import mixers_on
+from lightning_cp.rank_errors import lost_a_peer
 from lightning_cp.sharding.batch import IGNORE_INDEX, next_token_labels, primary_input_key, shard_cp_batch
 from lightning_cp.sharding.packing import PackedLayout, gather_packed, is_packed, plan_packed_batch, shard_packed_batch
 from lightning_cp.sharding.sequence import gather_sequence
@@ -61,6 +62,7 @@ from lightning_cp.sharding.ulysses import (
     ring_layout,
 )
 from lightning_cp.validation import check_tensor_parallel_heads
+from lightning_cp.watchdog import TerminatedBySignal
 
 
 @dataclass
@@ -137,6 +139,8 @@ class ContextParallelSession:
         self._attention_hooked = True
         #: The mechanism of every sequence mixer, chosen by :meth:`prepare_model` (none until then).
         self.mixer_plan = MixerPlan({}, {}, {})
+        #: The last error :meth:`report_failure` wrote a line about (so that it is not reported twice).
+        self.reported: BaseException | None = None
         #: The mechanism chosen by :meth:`prepare_model` (the ring until a model is prepared).
         self.mechanism = Mechanism("ring", 1, "no model prepared")
         self._groups: ContextParallelGroups | None = None
@@ -460,11 +464,15 @@ class ContextParallelSession:
             f" context-parallel rank {self.cp_mesh.get_local_rank()})"
         )
         message = str(error)
+        self.reported = error
         if what is not None:
             pass
         elif isinstance(error, KeyboardInterrupt):
             what = f"was interrupted (Ctrl-C, SIGINT): the job ends with exit code {128 + signal.SIGINT} (128 + SIGINT)"
-        elif isinstance(error, dist.DistError) or any(hint in message for hint in ("by peer", "remote worker")):
+        elif isinstance(error, TerminatedBySignal):
+            name, code = signal.Signals(error.signum).name, 128 + error.signum
+            what = f"received {name}: training stops, and the job ends with exit code {code} (128 + {name})"
+        elif lost_a_peer(error):
             what = (
                 "lost a peer in a collective: another rank failed or died (its error, if it wrote one, is in the log)"
             )

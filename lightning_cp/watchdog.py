@@ -35,7 +35,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import torch.distributed as dist
-from torch.distributed import DistStoreError
+from torch.distributed import DistError
 
 _KEY = "lightning_cp/heartbeat/{rank}"
 _FINISHED = "finished"
@@ -45,6 +45,21 @@ HEARTBEAT_INTERVAL = 1.0
 SIGNAL_GRACE = 5.0
 #: A peer silent for this many heartbeats is named as the one not answering when the job is interrupted.
 _SILENT_BEATS = 3
+
+
+class TerminatedBySignal(BaseException):
+    """Raised in the main thread of a rank that received ``signum`` (SIGTERM), where no one else handles it.
+
+    Not an ``Exception``: ``except Exception`` lets it through, ``finally`` blocks run, and the rank then
+    exits with 128 + ``signum`` (the Fabric strategy raises it; the Trainer has Lightning's own).
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    def __str__(self) -> str:
+        return f"received {signal.Signals(self.signum).name}"
 
 
 def _rendezvous_store(timeout: timedelta) -> dist.Store | None:
@@ -109,13 +124,17 @@ class RankWatchdog:
         if self._stop.is_set():
             return
         self._stop.set()
+        try:
+            os.write(self._signal_write, b"\0")  # wake the thread from its select now, not at the next heartbeat
+        except BlockingIOError:
+            pass  # the pipe is full: the thread wakes up anyway
         self._thread.join(timeout=2 * HEARTBEAT_INTERVAL)
         if self._previous_wakeup_fd is not None:
             signal.set_wakeup_fd(self._previous_wakeup_fd)
         try:
             if self._store is not None:
                 self._store.set(_KEY.format(rank=self.rank), _FINISHED)
-        except DistStoreError:
+        except DistError:
             pass  # the store's host has gone already: nobody is left to watch us
         self._store = None  # close our connection now, not during interpreter teardown
         os.close(self._signal_read)
@@ -141,9 +160,12 @@ class RankWatchdog:
                 if self._store is not None:
                     self._store.set(_KEY.format(rank=self.rank), f"{beats} {host} {pid}")
                     self._read_peers()
-            except DistStoreError as error:
+            except DistError as error:
                 if "timeout" not in str(error).lower():
-                    return  # the store's host exited: the job is ending, nothing to watch
+                    # The store's host exited (a reset connection, a broken pipe): the job is ending. No more
+                    # heartbeats to publish or read, but signals and the launcher are still watched.
+                    self._store = None
+                    self._peer_beats.clear()
             if self._launcher_pid is not None and os.getppid() != self._launcher_pid:
                 self._end("the process that launched this rank has exited", code=1)
             if signalled is not None and time.monotonic() - signalled[1] > SIGNAL_GRACE:

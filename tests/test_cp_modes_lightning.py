@@ -87,8 +87,9 @@ def test_trainer_ring_on_a_model_the_ring_cannot_run_is_refused_on_every_rank(tm
     for rank in (0, 1):  # each rank refuses, before any collective, and says which mode to use instead
         failed = rf"lightning_cp: rank {rank} \(data-parallel rank 0, context-parallel rank {rank}\) failed: "
         assert re.search(failed + re.escape(refusal) + r".* Use cp_mode='ulysses' \(or 'auto'\)", log), log[-6000:]
-    # rank 0 shows the traceback, rank 1 one line (lightning_cp.rank_errors)
+    # rank 0 shows the traceback, rank 1 one line, the whole failure in a few lines (lightning_cp.rank_errors)
     assert log.count("Traceback (most recent call last)") == 1, log[-6000:]
+    assert len(log.splitlines()) <= 20, log
     assert f"[rank0]: lightning_cp.validation.{refusal}" in log, log[-6000:]
     assert f"lightning_cp: rank 1: same error as rank 0 ({refusal}" in log, log[-6000:]
 

@@ -105,26 +105,29 @@ def test_a_stopped_rank_is_detected_named_and_the_job_ended(tmp_path):
 
 
 HEALTHY_SIGNALS = {
-    # Lightning stops gracefully on SIGTERM but exits 0; a scheduler must read a killed job as failed
+    # Trainer: Lightning stops gracefully on SIGTERM but exits 0, a scheduler must read a killed job as failed;
+    # Fabric: SIGTERM killed the launcher outright (-15) and left its rank to find it gone
     "sigterm_to_launcher": (
         signal.SIGTERM,
         False,
         "received SIGTERM: training stops, and the job ends with exit code 143",
     ),
-    # Lightning ends a run stopped by Ctrl-C with exit code 1 (issue 26): Ctrl-C reaches the whole foreground group
+    # Trainer: Lightning ends a run stopped by Ctrl-C with exit code 1; Fabric: Python kills itself with SIGINT (-2)
+    # after a traceback per rank (issue 26). Ctrl-C reaches the whole foreground group
     "ctrl_c": (signal.SIGINT, True, "was interrupted (Ctrl-C, SIGINT): the job ends with exit code 130"),
     "sigint_to_launcher": (signal.SIGINT, False, "was interrupted (Ctrl-C, SIGINT): the job ends with exit code 130"),
 }
 
 
+@pytest.mark.parametrize("script", ["trainer_llama.py", "fabric_llama.py"])
 @pytest.mark.parametrize("case", list(HEALTHY_SIGNALS))
-def test_a_signal_to_a_healthy_job_exits_with_128_plus_the_signal_and_says_so_with_no_rank_left(tmp_path, case):
+def test_a_signal_to_a_healthy_job_exits_with_128_plus_the_signal_and_says_so_with_no_rank_left(
+    tmp_path, case, script
+):
     """Ranks that are computing, not blocked: 128 + the signal all the same, and a line saying what happened."""
     send, to_group, line = HEALTHY_SIGNALS[case]
     log_path = tmp_path / "log.txt"
-    command, env = script_command(
-        "trainer_llama.py", "--out", str(tmp_path / "r.pt"), "--steps", "200", "--announce-steps"
-    )
+    command, env = script_command(script, "--out", str(tmp_path / "r.pt"), "--steps", "200", "--announce-steps")
     with open(log_path, "w") as log:
         launcher = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -135,6 +138,9 @@ def test_a_signal_to_a_healthy_job_exits_with_128_plus_the_signal_and_says_so_wi
         assert returncode == 128 + send, (returncode, log[-3000:])
         assert f"lightning_cp: rank 0 (data-parallel rank 0, context-parallel rank 0) {line}" in log, log[-3000:]
         assert "failed: KeyboardInterrupt" not in log and "SIGTERMException" not in log
+        assert "Traceback" not in log, log[-3000:]  # one line per rank says it all
+        if script == "fabric_llama.py":  # the script's own cleanup ran before the excepthook ended the process
+            assert "rank 0 finally block ran" in log and "rank 0 atexit handler ran" in log, log[-3000:]
         assert _wait_for(lambda: not _processes_left(launcher.pid), 10), "a rank outlived the job"
     finally:
         if _processes_left(launcher.pid):

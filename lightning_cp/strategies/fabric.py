@@ -16,10 +16,19 @@ A training loop with it::
 
 from __future__ import annotations
 
+import atexit
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from lightning.fabric.strategies import STRATEGY_REGISTRY
@@ -31,6 +40,7 @@ from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from lightning_cp.mesh import Size
+from lightning_cp.rank_errors import ExceptHook, full_tracebacks
 from lightning_cp.strategies.checkpoint import (
     is_replicated_state,
     load_checkpoint,
@@ -39,6 +49,7 @@ from lightning_cp.strategies.checkpoint import (
 )
 from lightning_cp.strategies.gradients import average_replicated_gradients, check_sharded_parameters
 from lightning_cp.strategies.shared import DEFAULT_COLLECTIVE_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT, ContextParallelMixin
+from lightning_cp.watchdog import TerminatedBySignal
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -46,6 +57,54 @@ if TYPE_CHECKING:
 
 def _replicate(module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
     return module
+
+
+#: Seconds the launcher waits for the ranks it launched to end on their own after a signal before killing them.
+_LAUNCHED_RANKS_GRACE = 2.0
+
+
+@dataclass(frozen=True)
+class _SignalExitHook:
+    """A ``sys.excepthook``: the error that ends a rank after Ctrl-C or SIGTERM ends it with 128 + the signal
+    (:meth:`ContextParallelStrategy._exit_after_signal`); any other error goes on to ``previous``."""
+
+    strategy: ContextParallelStrategy
+    previous: ExceptHook
+
+    def __call__(self, error_type: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
+        code = self.strategy._signal_exit_code(error)
+        if code is None:
+            self.previous(error_type, error, traceback)
+            return
+        if full_tracebacks():
+            self.previous(error_type, error, traceback)
+        self.strategy._exit_after_signal(error, code)
+
+
+def _silence_lightning_child_observer() -> None:
+    """Stop Lightning's child-process observer from SIGKILLing this launcher when a rank it launched exits non-zero.
+
+    The observer (a thread of Fabric's launcher) kills every process once a launched rank's exit code is not 0: a
+    rank that ends with 130 before its launcher does would make the launcher's own exit code -9.
+    """
+    try:
+        from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+    except ImportError:  # pragma: no cover - another Lightning version: nothing to silence by that name
+        return
+    for thread in threading.enumerate():
+        if isinstance(thread, _ChildProcessObserver):
+            thread._terminate_all = lambda: None  # type: ignore[method-assign]
+            thread._finished = True
+
+
+def _end_launched_ranks(processes: list[subprocess.Popen], grace: float) -> None:
+    """Give the launched ranks ``grace`` seconds to end (the signal reached them too), then SIGKILL those left."""
+    deadline = time.monotonic() + grace
+    for process in processes:
+        try:
+            process.wait(timeout=max(deadline - time.monotonic(), 0.0))
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 class ContextParallelStrategy(ContextParallelMixin, FabricModelParallelStrategy):
@@ -129,13 +188,73 @@ class ContextParallelStrategy(ContextParallelMixin, FabricModelParallelStrategy)
             check_batch_every_n_steps=check_batch_every_n_steps,
         )
         self._modules: list[nn.Module] = []
+        self._terminating = False
 
     @override
     def setup_environment(self) -> None:
         super(FabricModelParallelStrategy, self).setup_environment()
         self._setup_distributed()
         self._setup_context_parallel_mesh()
+        self._install_signal_exit_hook()
         rank_zero_info(f"lightning_cp: {self.layout.describe()} on {self.world_size} processes")
+
+    def _install_signal_exit_hook(self) -> None:
+        """Make Ctrl-C and SIGTERM end every rank with 128 + the signal and a line saying so, as the Trainer's do.
+
+        Fabric leaves a ``KeyboardInterrupt`` to the user's script; uncaught, Python prints its traceback and kills
+        itself with SIGINT (returncode -2), and SIGTERM kills a process outright (-15). So an excepthook takes the
+        error that ends the script (installing again in the same process replaces it), and SIGTERM, unless the
+        script handles it itself, raises :class:`~lightning_cp.watchdog.TerminatedBySignal` in the main thread.
+        """
+        previous = sys.excepthook
+        if isinstance(previous, _SignalExitHook):
+            previous = previous.previous
+        sys.excepthook = _SignalExitHook(self, previous)
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set signal handlers
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, self._on_signal)
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        """SIGINT: ``KeyboardInterrupt``, as Python's own handler. SIGTERM: passed on to the launched ranks, then
+        :class:`~lightning_cp.watchdog.TerminatedBySignal`, once: a repeated SIGTERM (the launcher's, passed on to
+        a rank that had one already) does not interrupt the ``finally`` blocks the first one started."""
+        launched = [process for process in getattr(self.launcher, "procs", []) if process.poll() is None]
+        if launched:
+            _silence_lightning_child_observer()  # they are about to end with 128 + the signal
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self._terminating:
+            return
+        self._terminating = True
+        for process in launched:
+            process.send_signal(signum)
+        raise TerminatedBySignal(signum)
+
+    def _exit_after_signal(self, error: BaseException, code: int) -> None:
+        """Say what happened, run the atexit handlers, end the ranks this process launched, exit with ``code``.
+
+        Called by the excepthook with the error that ended the script after a signal: a ``KeyboardInterrupt``, a
+        :class:`~lightning_cp.watchdog.TerminatedBySignal`, or a lost peer on a rank blocked in a collective then.
+        """
+        # The script's finally blocks ran before its excepthook; its atexit handlers run here; os._exit sets the code.
+        self._terminating = True
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the handlers short
+        session = self._session
+        if session is not None and session.reported is not error:
+            session.report_failure(error)
+        launched = list(getattr(self.launcher, "procs", []))
+        if launched:
+            _silence_lightning_child_observer()
+        run_exit_functions = getattr(atexit, "_run_exitfuncs", None)
+        if run_exit_functions is not None:
+            run_exit_functions()
+        _end_launched_ranks(launched, _LAUNCHED_RANKS_GRACE)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
     @override
     def setup_module(self, module: nn.Module) -> nn.Module:

@@ -25,10 +25,10 @@ from lightning_cp.mesh import (
     validate_size,
 )
 from lightning_cp.mixers.mode import validate_mixer_mode
-from lightning_cp.rank_errors import install_same_error_hook
+from lightning_cp.rank_errors import install_same_error_hook, install_short_error_hook
 from lightning_cp.session import ContextParallelSession
 from lightning_cp.strategies.replicas import broadcast_replicated_state
-from lightning_cp.watchdog import RankWatchdog
+from lightning_cp.watchdog import RankWatchdog, TerminatedBySignal
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -82,6 +82,7 @@ class ContextParallelMixin:
         **session_options: Any,
     ) -> None:
         """Check the arguments now (before any process starts) and keep them for the session."""
+        install_short_error_hook()  # an error before the launch (a layout that cannot work) in a few lines too
         if not isinstance(data_parallel_replicate_size, int) or data_parallel_replicate_size < 1:
             raise ValueError(
                 f"`data_parallel_replicate_size` must be a positive int, got {data_parallel_replicate_size!r}."
@@ -177,6 +178,8 @@ class ContextParallelMixin:
         """
         if isinstance(exception, KeyboardInterrupt):
             return 128 + signal.SIGINT
+        if isinstance(exception, TerminatedBySignal):
+            return 128 + exception.signum
         received = self._watchdog.received_signal if self._watchdog is not None else None
         return None if received is None else 128 + received
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 
 import lightning as L
 import torch
@@ -14,6 +15,7 @@ from common import (
     model_options,
     model_overrides,
     model_seed,
+    rank_of_this_process,
     replica_sync_options,
     save_rank_weights,
     training_samples,
@@ -35,7 +37,17 @@ def shard_over_data_and_context(model: torch.nn.Module, device_mesh) -> torch.nn
     return fully_shard(model, mesh=mesh)
 
 
+#: With --announce-steps, the script's own cleanup (a `finally` block, an atexit handler) says that it ran.
+_announce_cleanup = False
+
+
+def _cleanup(what: str) -> None:
+    if _announce_cleanup:
+        print(f"rank {rank_of_this_process()} {what} ran", flush=True)
+
+
 def main() -> None:
+    global _announce_cleanup
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--layout", choices=("replicate", "fsdp"), default="replicate")
@@ -45,9 +57,12 @@ def main() -> None:
     parser.add_argument("--chunked-loss", type=int, default=0, help="tokens per loss chunk (0: off)")
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--custom-loss", action="store_true", help="loss from logits via the strategy's helper")
+    parser.add_argument("--announce-steps", action="store_true", help="print a line at each training step")
     replica_sync_options(parser)
     model_options(parser)
     args = parser.parse_args()
+    _announce_cleanup = args.announce_steps
+    atexit.register(_cleanup, "atexit handler")
 
     def parallelize(model: torch.nn.Module, device_mesh) -> torch.nn.Module:
         if args.tp > 1:
@@ -71,7 +86,9 @@ def main() -> None:
     samples = training_samples(args.steps * BATCH_SIZE, packed=args.packed)
     loader = fabric.setup_dataloaders(DataLoader(samples, batch_size=BATCH_SIZE))
     losses = []
-    for batch in loader:
+    for step, batch in enumerate(loader):
+        if args.announce_steps:
+            print(f"rank {fabric.global_rank} training step {step}", flush=True)
         with strategy.context_parallel(batch):
             if args.custom_loss and args.chunked_loss:  # a loss of one's own, from hidden states in chunks
                 hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
@@ -93,5 +110,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        _cleanup("finally block")
     exit_skipping_teardown()
