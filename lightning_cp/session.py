@@ -208,13 +208,14 @@ class ContextParallelSession:
             self._groups = split_context_parallel(self.cp_mesh, self.mechanism.ulysses_size)
 
     def describe_attention(self) -> str:
-        """One line for the logs: which mechanism runs attention and why (ring rotation included)."""
+        """One line for the logs: which mechanism runs attention and why (ring rotation included), and the mixers'."""
         if self.transformer_engine:
             return "attention by Transformer Engine's own ring (TE attention modules)"
-        line = self.mechanism.describe(self.cp_mesh.size())
-        line = line if self.mechanism.name == "ulysses" else f"{line}; ring rotation {self.rotate_method}"
         if not self._attention_hooked:
             line = "no attention modules"
+        else:
+            line = self.mechanism.describe(self.cp_mesh.size())
+            line = line if self.mechanism.name == "ulysses" else f"{line}; ring rotation {self.rotate_method}"
         mixers = self.mixer_plan.describe(self.cp_mesh.size())
         return f"{line}; {mixers}" if mixers else line
 
