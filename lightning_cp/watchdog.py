@@ -170,8 +170,12 @@ class RankWatchdog:
                 self._end("the process that launched this rank has exited", code=1)
             if signalled is not None and time.monotonic() - signalled[1] > SIGNAL_GRACE:
                 name = signal.Signals(signalled[0]).name
-                reason = f"{name} received, but this rank is blocked (most likely in a collective)"
-                self._end(reason, 128 + signalled[0])
+                code = 128 + signalled[0]
+                reason = (
+                    f"{name} received, but this rank is blocked (most likely in a collective): the job ends with"
+                    f" exit code {code} (128 + {name})"
+                )
+                self._end(reason, code)
             stopped = self._silent_peers(self.heartbeat_timeout)
             if stopped:
                 self._end("no heartbeat for more than the heartbeat timeout", code=1, stopped=stopped)
