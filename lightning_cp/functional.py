@@ -50,7 +50,7 @@ from lightning_cp.mesh import (
     mesh_size,
     split_context_parallel,
 )
-from lightning_cp.mixers.exchange import packed_exchange, unpacked_exchange
+from lightning_cp.mixers.exchange import batch_exchange
 from lightning_cp.mixers.heads import route_loaded_mixer_functions
 from lightning_cp.mixers.hooks import plan_hooked_mixers, with_mixers
 from lightning_cp.mixers.mode import validate_mixer_mode
@@ -279,13 +279,18 @@ def make_cp_batch_and_ctx(
             global_seq_len=span,
         )
         if mixer_plan.mechanisms:
-            attend = with_mixers(attend, mixer_exchange)
+            exchange = batch_exchange(
+                cp_mesh.get_group(),
+                cp_size,
+                cp_rank,
+                seq_len=seq_len,
+                padded_len=padded_len,
+                load_balance=load_balance,
+                layout=layout,
+            )
+            attend = with_mixers(attend, exchange)
         return get_train_context(enable_loss_parallel, False, attend)()
 
-    if layout is not None:
-        mixer_exchange = packed_exchange(cp_mesh.get_group(), cp_rank, layout)
-    else:
-        mixer_exchange = unpacked_exchange(cp_mesh.get_group(), cp_size, cp_rank, seq_len, padded_len, load_balance)
     return train_ctx, sharded
 
 

@@ -43,7 +43,7 @@ from lightning_cp.mesh import (
     split_context_parallel,
 )
 from lightning_cp.mixers.detect import mixer_traits
-from lightning_cp.mixers.exchange import MixerExchange, packed_exchange, unpacked_exchange
+from lightning_cp.mixers.exchange import MixerExchange, batch_exchange
 from lightning_cp.mixers.heads import route_loaded_mixer_functions
 from lightning_cp.mixers.hooks import apply_mixer_plan, attach_mixer_hooks, refuse_mixers_with_transformer_engine
 from lightning_cp.mixers.mode import MixerPlan, choose_mixer_mechanisms, validate_mixer_mode
@@ -414,10 +414,15 @@ class ContextParallelSession:
 
     def _mixer_exchange(self, step: ShardedStep) -> MixerExchange:
         """How this micro-batch's shards make up the original rows (Note [mixer sequence order])."""
-        group, rank = self.cp_mesh.get_group(), self.cp_mesh.get_local_rank()
-        if step.layout is not None:
-            return packed_exchange(group, rank, step.layout)
-        return unpacked_exchange(group, self.cp_mesh.size(), rank, step.seq_len, step.padded_len, self.load_balance)
+        return batch_exchange(
+            self.cp_mesh.get_group(),
+            self.cp_mesh.size(),
+            self.cp_mesh.get_local_rank(),
+            seq_len=step.seq_len,
+            padded_len=step.padded_len,
+            load_balance=self.load_balance,
+            layout=step.layout,
+        )
 
     def close(self) -> None:
         """Switch ring attention off and forget the current micro-batch; safe to call twice."""

@@ -72,6 +72,23 @@ def packed_exchange(group: dist.ProcessGroup, cp_rank: int, layout: PackedLayout
     return MixerExchange(group, layout.cp_size, cp_rank, _order_of(sources), length)
 
 
+def batch_exchange(
+    group: dist.ProcessGroup,
+    cp_size: int,
+    cp_rank: int,
+    *,
+    seq_len: int,
+    padded_len: int,
+    load_balance: bool,
+    layout: PackedLayout | None,
+) -> MixerExchange:
+    """The exchange of one sharded micro-batch: :func:`packed_exchange` for a packed ``layout``, else
+    :func:`unpacked_exchange` (the session and the functional API shard batches alike)."""
+    if layout is not None:
+        return packed_exchange(group, cp_rank, layout)
+    return unpacked_exchange(group, cp_size, cp_rank, seq_len, padded_len, load_balance)
+
+
 def to_whole_row(local: torch.Tensor, exchange: MixerExchange, *, seq_dim: int = 1) -> torch.Tensor:
     """This rank's shard (batch first) → the whole original row on every rank (Note [mixer sequence order]).
 
