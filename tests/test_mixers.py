@@ -254,3 +254,35 @@ def _unhooked_functional(rank: int, world_size: int) -> str:
 def test_an_unhooked_mixer_stops_under_the_functional_api_on_every_rank() -> None:
     for message in run_on_ranks(_unhooked_functional, world_size=2):
         assert "`causal_conv1d_forward` ran under context parallelism outside any sequence mixer" in message
+
+
+def _functional_parity(rank: int, world_size: int) -> float:
+    """Qwen3-Next through the functional API (hooked, ``make_cp_batch_and_ctx``): worst relative gradient difference
+    against one plain process, gradients summed over the CP ranks (each holds its share of the token-correct loss)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_cp import attach_context_parallel_hooks, make_cp_batch_and_ctx, token_correct_loss
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))
+    model = build_mixer_model("qwen3_next")
+    reference = copy.deepcopy(model)
+    batch = _batch(64, packed=False)
+    labels = torch.cat([batch["input_ids"][:, 1:], torch.full((2, 1), -100)], dim=1)
+    logits = reference(input_ids=batch["input_ids"]).logits
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100).backward()
+    attach_context_parallel_hooks(model)
+    train_ctx, local = make_cp_batch_and_ctx(mesh, {"input_ids": batch["input_ids"], "labels": labels})
+    local_labels = local.pop("labels")
+    with train_ctx():
+        token_correct_loss(model(**local).logits, local_labels, mesh).backward()
+    worst = 0.0
+    for name, parameter in model.named_parameters():
+        grad = parameter.grad.clone()
+        torch.distributed.all_reduce(grad)
+        worst = max(worst, _relative(grad, reference.get_parameter(name).grad))
+    return worst
+
+
+def test_functional_api_runs_a_hooked_gated_delta_net_exactly() -> None:
+    for worst in run_on_ranks(_functional_parity, world_size=2):
+        assert worst <= RTOL_GRAD
