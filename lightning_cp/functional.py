@@ -29,13 +29,12 @@ from typing import Any
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.nn.attention import sdpa_kernel
 
 from lightning_cp import attention
 from lightning_cp.attention.switch import (
-    RING_SDPA_BACKENDS,
     ActiveContextParallel,
     ring_attention,
+    rotation_for,
     switched_on,
     validate_rotate_method,
 )
@@ -74,9 +73,10 @@ def get_train_context(
 ) -> Callable[[], AbstractContextManager[None]]:
     """Return a factory of the context one training micro-batch runs in (forward and backward).
 
-    It optionally enables tensor-parallel loss parallelism and compiled autograd, and, when a CP
-    context is given, restricts SDPA to the kernels the ring supports (never the math kernel, which
-    would bypass the ring) and enters ``cp_context``.
+    It optionally enables tensor-parallel loss parallelism and compiled autograd, and enters ``cp_context``
+    when one is given. Unlike NeMo's, it does not restrict SDPA's kernels itself: the CP context does that
+    under a ring (never the math kernel, which would bypass it), and leaves them free under Ulysses, whose
+    whole-sequence attention may need the math kernel (fp32 grouped-query attention on CUDA has no other).
     """
 
     @contextlib.contextmanager
@@ -89,7 +89,6 @@ def get_train_context(
             if enable_compiled_autograd:
                 stack.enter_context(attention.compiled_autograd())
             if cp_context is not None:
-                stack.enter_context(sdpa_kernel(RING_SDPA_BACKENDS))
                 stack.enter_context(cp_context)
             yield
 
@@ -118,8 +117,7 @@ def create_context_parallel_ctx(
     _check_hooked_replicas(cp_mesh)
     saved_rotate_method = attention.rotate_method()
     try:
-        if cp_rotate_method is not None:
-            attention.set_rotate_method(validate_rotate_method(cp_rotate_method))
+        attention.set_rotate_method(rotation_for(cp_mesh, cp_rotate_method or saved_rotate_method))
         torch_cp = context_parallel(
             cp_mesh, buffers=cp_buffers, buffer_seq_dims=cp_seq_dims, no_restore_buffers=cp_no_restore_buffers
         )

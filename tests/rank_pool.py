@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils._pytree import tree_map
 
 from lightning_cp.launch import free_port
 
@@ -44,7 +45,10 @@ def _serve(rank: int, world_size: int, port: int, threads: int, tasks: Any, resu
     while (task := tasks.get()) is not None:
         fn, args = task
         try:
-            results.put((rank, True, fn(rank, world_size, *args)))
+            # CUDA tensors would cross as CUDA IPC handles that die with the case: results travel on the CPU
+            results.put(
+                (rank, True, tree_map(lambda x: x.cpu() if torch.is_tensor(x) else x, fn(rank, world_size, *args)))
+            )
         except BaseException:  # noqa: BLE001 - reported to the test, which raises it
             results.put((rank, False, traceback.format_exc()))
         finally:

@@ -43,18 +43,27 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
 
 
-def _case(rank: int, world_size: int, family: str, mixer_mode: str, seq_len: int, packed: bool, bypass: str) -> dict:
+def _case(
+    rank: int,
+    world_size: int,
+    family: str,
+    mixer_mode: str,
+    seq_len: int,
+    packed: bool,
+    bypass: str,
+    device: str = "cpu",
+) -> dict:
     """One family on the ranks: the plain run, the CP run, the worst relative gradient difference."""
     torch.manual_seed(0)
     # "cache": the config's default use_cache=True (a training forward that builds a fresh cache)
-    model = build_mixer_model(family, **({"use_cache": True} if bypass == "cache" else {}))
+    model = build_mixer_model(family, **({"use_cache": True} if bypass == "cache" else {})).to(device)
     reference = copy.deepcopy(model)
-    batch = _batch(seq_len, packed)
+    batch = {key: value.to(device) for key, value in _batch(seq_len, packed).items()}
     if bypass == "embeds":  # inputs_embeds instead of input_ids (a vision tower's, say)
         batch["inputs_embeds"] = model.get_input_embeddings()(batch.pop("input_ids")).detach()
     plain = reference(**batch)
     plain.loss.backward()
-    mesh, data_context = build_device_mesh(resolve_layout(world_size, world_size, 1, 1), torch.device("cpu"))
+    mesh, data_context = build_device_mesh(resolve_layout(world_size, world_size, 1, 1), torch.device(device))
     session = ContextParallelSession(mesh, data_context, mixer_mode=mixer_mode)
     try:
         session.prepare_model(model)

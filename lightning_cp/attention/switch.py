@@ -8,12 +8,14 @@ the body raises, so a later non-CP call in the same process is unaffected.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -66,6 +68,30 @@ def validate_rotate_method(rotate_method: str) -> str:
     if rotate_method not in ROTATE_METHODS:
         raise ValueError(f"`rotate_method` must be one of {ROTATE_METHODS}, got {rotate_method!r}.")
     return rotate_method
+
+
+def rotation_for(cp_mesh: DeviceMesh, rotate_method: str) -> str:
+    """The ring rotation to run over ``cp_mesh``: ``rotate_method``, except "allgather" over gloo on CUDA.
+
+    torch's functional ``all_gather_tensor``, which the "allgather" rotation calls, kills the process with a
+    segmentation fault when a gloo group carries CUDA tensors (torch 2.11 on an H200; torch's own
+    ``context_parallel`` crashes alike), while the "alltoall" rotation runs. Both rotations give the same
+    result, so "alltoall" is used there, with a warning. Gloo on CUDA is what two ranks sharing one GPU need.
+    """
+    validate_rotate_method(rotate_method)
+    if rotate_method == "allgather" and cp_mesh.device_type == "cuda" and _is_gloo(cp_mesh):
+        warnings.warn(
+            "rotate_method='allgather' over a gloo group on CUDA tensors crashes the process in torch's"
+            " functional all_gather (segmentation fault); the ring rotates with 'alltoall' instead (same"
+            " result). Use NCCL, one GPU per rank, to run 'allgather'.",
+            stacklevel=3,
+        )
+        return "alltoall"
+    return rotate_method
+
+
+def _is_gloo(cp_mesh: DeviceMesh) -> bool:
+    return dist.get_backend(cp_mesh.get_group()) == "gloo"
 
 
 def _cast_as_autocast_would(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -284,8 +310,7 @@ def ring_attention(
     Backward passes must run inside the context: the ring's backward is dispatched through it as well.
     """
     _refuse_nesting()
-    validate_rotate_method(rotate_method)
-    dispatcher = _torch.ring_dispatcher(cp_mesh, SDPA_SEQ_DIM, load_balance, rotate_method)
+    dispatcher = _torch.ring_dispatcher(cp_mesh, SDPA_SEQ_DIM, load_balance, rotation_for(cp_mesh, rotate_method))
     mechanism = "ring" if ulysses is None else "hybrid"
     state = ActiveContextParallel(
         load_balance, global_seq_len, documents, mechanism=mechanism, ulysses=ulysses, padding=padding
