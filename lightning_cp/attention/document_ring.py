@@ -188,7 +188,7 @@ def _pick(tensor: torch.Tensor, spans: tuple[KeyRange, ...]) -> torch.Tensor:
     return torch.cat([tensor[span.row, :, span.start : span.start + span.length] for span in spans], dim=1)
 
 
-def _exchange(
+def point_to_point_exchange(
     outgoing: dict[int, torch.Tensor], incoming: dict[int, torch.Tensor], group: dist.ProcessGroup
 ) -> dict[int, torch.Tensor]:
     """Send ``outgoing[rank]`` to every such rank and fill ``incoming[rank]`` from it, all at once."""
@@ -210,7 +210,7 @@ def _exchange_kv(
         for block in plan.blocks
         if block.needed
     }
-    return {source: (kv[0:1], kv[1:2]) for source, kv in _exchange(outgoing, incoming, group).items()}
+    return {source: (kv[0:1], kv[1:2]) for source, kv in point_to_point_exchange(outgoing, incoming, group).items()}
 
 
 def _return_kv_grads(
@@ -226,7 +226,7 @@ def _return_kv_grads(
         peer: grad_key.new_empty((2, grad_key.size(1), sum(span.length for span in spans), grad_key.size(3)))
         for peer, spans in plan.sends.items()
     }
-    for peer, grads in _exchange(outgoing, incoming, group).items():
+    for peer, grads in point_to_point_exchange(outgoing, incoming, group).items():
         offset = 0
         for span in plan.sends[peer]:
             window = slice(span.start, span.start + span.length)
