@@ -1,12 +1,13 @@
 """Which CP mechanism runs a model: the ``cp_mode`` option, and what ``"auto"`` picks and why.
 
-* ``"ring"``: torch's ring of key/value shards. Any number of heads; only plain SDPA attention (causal
-  or per document), no sliding window shorter than the sequence, no softcapping, no sinks.
+* ``"ring"``: torch's ring of key/value shards for plain SDPA attention (causal or per document), any number
+  of heads; sliding windows shorter than the sequence, softcapping, sinks and eager attention (through
+  transformers' attention interface, unpacked rows) on the masked ring (Note [windowed ring]).
 * ``"ulysses"``: an all-to-all of heads (Note [Ulysses] in :mod:`lightning_cp.attention.ulysses`). Runs
   the model's own attention function (sdpa or eager) on whole sequences, so windows, softcapping and
   sinks are exact; the heads must split over the CP ranks.
-* ``"hybrid"``: Ulysses inside groups of ``ulysses_size`` ranks, the ring across them: more ranks than
-  heads, for models the ring can run.
+* ``"hybrid"``: Ulysses inside groups of ``ulysses_size`` ranks, the ring (or the masked ring) across them:
+  more ranks than heads, for models the ring can run.
 * ``"auto"`` (default): Ulysses when the heads allow it (it moves each token's q/k/v/output once per
   layer instead of K/V ``cp - 1`` times, and runs every attention variant); else the hybrid with the
   largest Ulysses group the heads allow, if the ring can run the model; else the ring.
@@ -63,15 +64,22 @@ class AttentionTraits:
     alibi: bool = False
 
     def ring_obstacle(self) -> str | None:
-        """Why the ring cannot run this module at any length, or ``None``."""
+        """Why the ring cannot run this module at any length, or ``None``.
+
+        Through transformers' attention interface, eager attention, softcapping, sinks and sliding windows run
+        on the masked ring (Note [windowed ring]; which eager functions it reproduces is checked when they run).
+        """
         if self.alibi:
             return f"`{self.name}` adds ALiBi position biases through its attention mask"
-        if self.implementation not in (None, "sdpa"):
-            return f"`{self.name}` attends with attn_implementation={self.implementation!r} (the ring runs SDPA only)"
-        if self.softcap is not None:
-            return f"`{self.name}` softcaps its attention logits (softcap={self.softcap})"
-        if self.sinks:
-            return f"`{self.name}` has attention sinks"
+        if self.implementation not in (None, "sdpa") and not (self.interface and self.implementation == "eager"):
+            return (
+                f"`{self.name}` attends with attn_implementation={self.implementation!r} (the ring runs SDPA, and"
+                " eager attention through transformers' attention interface)"
+            )
+        if self.softcap is not None and not self.interface:
+            return f"`{self.name}` softcaps its logits (softcap={self.softcap}) outside the attention interface"
+        if self.sinks and not self.interface:
+            return f"`{self.name}` has attention sinks outside the attention interface"
         return None
 
     def ulysses_obstacle(self, size: int, heads_required: bool = True) -> str | None:
@@ -243,9 +251,12 @@ def _refuse(mode: str, obstacle: str, hint: str | None) -> None:
 
 def runnable_modes(traits: list[AttentionTraits], cp_size: int, seq_len: int | None = None) -> list[str]:
     """The explicit modes that would run these modules exactly at ``cp_size`` (and ``seq_len`` tokens, when given:
-    a sliding window shorter than that rules the ring and the hybrid out)."""
+    a sliding window shorter than that, outside transformers' attention interface, rules the ring and the hybrid
+    out)."""
     candidates = [("ulysses", None)]
-    windowed = seq_len is not None and any(t.window is not None and t.window < seq_len for t in traits)
+    windowed = seq_len is not None and any(
+        t.window is not None and t.window < seq_len and not t.interface for t in traits
+    )
     if not windowed:
         candidates += [("ring", None)] + [("hybrid", size) for size in range(2, cp_size) if cp_size % size == 0]
     modes = []

@@ -47,8 +47,9 @@ CAUSES: dict[str, str] = {
         " attn_implementation='sdpa', and attach_cp_sdpa_hooks for compiled layers."
     ),
     "masked_attention": (
-        "sliding-window or non-causal attention, which the ring would replace by plain causal attention."
-        " Use cp_mode='ulysses' (it applies windows exactly), sequences no longer than the window, or turn load"
+        "sliding-window attention the ring cannot mask (on packed documents, or outside transformers' attention"
+        " interface), or non-causal attention, which the ring would replace by plain causal attention. Use"
+        " cp_mode='ulysses' (it applies windows exactly), sequences no longer than the window, or turn load"
         " balancing off for bidirectional attention."
     ),
     "mechanism_refused": (

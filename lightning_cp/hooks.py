@@ -30,7 +30,7 @@ from lightning_cp.attention.interface import (
     sliding_window_of,
     uses_attention_interface,
 )
-from lightning_cp.attention.switch import active_context_parallel
+from lightning_cp.attention.switch import ActiveContextParallel, active_context_parallel
 from lightning_cp.attention.ulysses import ULYSSES_ATTN_IMPLEMENTATIONS
 from lightning_cp.mixers.detect import is_sequence_mixer
 from lightning_cp.mixers.hooks import attach_mixer_hooks
@@ -166,22 +166,31 @@ def _check_attn_implementation(name: str, module: nn.Module) -> None:
         )
 
 
-def _check_window(module: nn.Module, global_seq_len: int | None, mechanism: str) -> None:
+def _check_window(module: nn.Module, active: ActiveContextParallel) -> None:
+    """Refuse a sliding window shorter than the sequence where no mechanism applies it.
+
+    Through transformers' attention interface, Ulysses masks the window of the whole sequence (Note [Ulysses])
+    and the ring and the hybrid run the masked ring on unpacked rows (Note [windowed ring]); packed documents
+    under the ring, and windows that do not come through the interface, would attend beyond the window.
+    """
     interface = module._lightning_cp_interface
-    if mechanism == "ulysses" and interface:
-        return  # Ulysses masks the window of the whole sequence (Note [Ulysses])
+    if interface and (active.mechanism == "ulysses" or active.documents is None):
+        return
     window = sliding_window_of(module)
-    if window is not None and global_seq_len is not None and window < global_seq_len:
-        hint = (
-            " Use `cp_mode='ulysses'` (or 'auto'): it applies the window exactly."
-            if interface
-            else " Use sequences no longer than the window, or a model without sliding-window attention."
-        )
-        raise ContextParallelInputError(
-            f"`{type(module).__name__}` uses a sliding window of {window} tokens, shorter than the sequence"
-            f" ({global_seq_len}). Under cp_mode={mechanism!r} attention is plain causal and would attend beyond"
-            f" the window.{hint}"
-        )
+    if window is None or active.global_seq_len is None or window >= active.global_seq_len:
+        return
+    if interface:
+        where = "on packed documents, where the document-masked ring runs plain causal attention per document"
+        hint = " Use `cp_mode='ulysses'` (or 'auto'): it applies the window exactly, also per document."
+    else:
+        where = "and it does not attend through transformers' attention interface, so the ring runs plain causal SDPA"
+        hint = " Use sequences no longer than the window, or a model without sliding-window attention."
+    length = "longest document" if active.documents is not None else "sequence"
+    raise ContextParallelInputError(
+        f"`{type(module).__name__}` uses a sliding window of {window} tokens, shorter than the {length}"
+        f" ({active.global_seq_len}). Under cp_mode={active.mechanism!r} {where}: it would attend beyond the"
+        f" window.{hint}"
+    )
 
 
 def _takes_keyword(module: nn.Module, name: str) -> bool:
@@ -200,7 +209,7 @@ def _causal_pre_hook(
     active = active_context_parallel()
     if active is None:
         return None
-    _check_window(module, active.global_seq_len, active.mechanism)
+    _check_window(module, active)
     causal = bool(getattr(module, "is_causal", True))
     if not causal and active.mechanism != "ulysses" and active.padding:
         raise ContextParallelInputError(
@@ -336,7 +345,10 @@ def attach_cp_sdpa_hooks(model: nn.Module, cp_mesh: DeviceMesh) -> None:
 
     @torch.compiler.disable
     def restore(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        F.scaled_dot_product_attention = saved.pop()
+        # always called, also when an earlier pre-hook refused the call before `install` ran (attention
+        # modules do not nest, so anything saved is this module's)
+        if saved:
+            F.scaled_dot_product_attention = saved.pop()
 
     for module in find_attention_modules(model).values():
         # once per module: a second pair would restore in install order, not in reverse, and leave SDPA

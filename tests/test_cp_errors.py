@@ -69,7 +69,9 @@ def _error_cases(rank: int, world_size: int) -> dict:
 
     mistral = mistral_with_short_window()
     attach_context_parallel_hooks(mistral)
-    results["sliding_window"] = _error_of(lambda: _run_model(mesh, mistral, batch, cp_mode="ring"))
+    # the masked ring runs a window on unpacked rows (tests/test_ulysses.py); on packed documents it is refused
+    packed = {**batch, "position_ids": torch.cat([torch.arange(96), torch.arange(32)]).expand(2, -1)}
+    results["sliding_window"] = _error_of(lambda: _run_model(mesh, mistral, packed, cp_mode="ring"))
 
     q = torch.randn(1, 2, 32, 8)
 
@@ -129,7 +131,7 @@ def error_results():
         ("missing_position_ids", "without `position_ids`: it would number each shard's tokens from 0"),
         ("non_causal_load_balanced", "only supports causal attention"),
         ("non_causal_padded", "is not causal .* padded by 1 positions .* Use cp_mode='ulysses'"),
-        ("sliding_window", "sliding window of 64 tokens, shorter than the sequence \\(128\\)"),
+        ("sliding_window", "sliding window of 64 tokens, shorter than the longest document \\(96\\)"),
         ("explicit_mask", "cannot apply an explicit `attn_mask`"),
         ("nested", "do not nest"),
         ("dropout", "does not support attention dropout"),
@@ -173,5 +175,5 @@ def test_attention_no_mechanism_runs_is_refused_at_attach_time():
     model = tiny_causal_lm("llama", attn_implementation="flex_attention")
     with pytest.raises(ValueError, match="attn_implementation='flex_attention'"):
         attach_context_parallel_hooks(model)
-    # eager attention is attached (Ulysses runs it); the ring refuses it when it runs (tests/test_ulysses.py)
+    # eager attention is attached (Ulysses runs it, and the masked ring under cp_mode="ring": tests/test_ulysses.py)
     assert attach_context_parallel_hooks(tiny_causal_lm("llama", attn_implementation="eager"))

@@ -35,6 +35,7 @@ def _traits(name: str, **overrides) -> list:
         ("llama", 4, "ulysses", 4),  # 2 key/value heads spread over 4 ranks
         ("llama", 8, "hybrid", 4),  # 4 query heads: Ulysses groups of 4, the ring across 2 groups
         ("gemma2", 2, "ulysses", 2),
+        ("gemma2", 8, "hybrid", 4),  # eager softcapped attention: the masked ring across 2 groups of 4
         ("gpt_bigcode", 4, "ulysses", 4),
         ("falcon", 2, "ulysses", 2),
         ("llama", 3, "ring", 1),  # 4 heads do not split over 3 ranks, nor over a divisor of 3
@@ -46,23 +47,25 @@ def test_auto_picks_an_exact_mechanism(name, cp_size, mechanism, ulysses_size):
     assert chosen.reason.startswith("auto:")
 
 
-def test_auto_refuses_when_neither_mechanism_runs_the_model():
-    # Gemma 2's eager softcapped attention needs Ulysses, whose 4 heads do not split over 8 ranks
-    with pytest.raises(ContextParallelInputError, match=r"only Ulysses could run it, but .*4 query heads"):
-        choose_mechanism(_traits("gemma2"), 8)
+def test_auto_refuses_when_no_mechanism_runs_the_model():
+    with pytest.raises(ContextParallelInputError, match=r"'flex_attention'.*only Ulysses could run it, but"):
+        choose_mechanism(_traits("llama", attn_implementation="flex_attention"), 8)
 
 
 def test_explicit_modes_refuse_what_they_cannot_run_and_name_what_can():
-    with pytest.raises(ContextParallelInputError, match=r"cp_mode='ring'.*'eager'.*Use cp_mode='ulysses'"):
-        choose_mechanism(_traits("gemma2"), 2, "ring")
-    with pytest.raises(ContextParallelInputError, match=r"cp_mode='hybrid'.*'eager'.*Use cp_mode='ulysses'"):
-        choose_mechanism(_traits("gpt_oss"), 2, "hybrid", 1)
+    flex = _traits("llama", attn_implementation="flex_attention")
+    with pytest.raises(ContextParallelInputError, match=r"cp_mode='ring'.*'flex_attention'.*Ulysses cannot run"):
+        choose_mechanism(flex, 2, "ring")
+    with pytest.raises(ContextParallelInputError, match=r"cp_mode='hybrid'.*'flex_attention'"):
+        choose_mechanism(flex, 4, "hybrid", 2)
     with pytest.raises(ContextParallelInputError, match=r"4 query heads do not split over 3.*\[1, 2, 4\]"):
         choose_mechanism(_traits("llama"), 3, "ulysses")
     with pytest.raises(ContextParallelInputError, match="must divide cp_size=4"):
         choose_mechanism(_traits("llama"), 4, "hybrid", 3)
-    assert runnable_modes(_traits("gemma2"), 2) == ["ulysses"]
-    assert runnable_modes(_traits("mistral"), 2, seq_len=130) == ["ulysses"]  # window 16 < 130 tokens
+    # eager softcapping, sinks and windows shorter than the sequence: the masked ring (Note [windowed ring])
+    assert runnable_modes(_traits("gemma2"), 4) == ["ulysses", "ring", "hybrid(ulysses_size=2)"]
+    assert runnable_modes(_traits("gpt_oss"), 2, seq_len=130) == ["ulysses", "ring"]
+    assert runnable_modes(_traits("mistral"), 2, seq_len=130) == ["ulysses", "ring"]  # window 16 < 130 tokens
     assert runnable_modes(_traits("llama"), 4) == ["ulysses", "ring", "hybrid(ulysses_size=2)"]
 
 

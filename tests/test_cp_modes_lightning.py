@@ -38,7 +38,7 @@ ULYSSES_OVER_2 = "attention by Ulysses over 2 ranks: auto: the heads split over 
     ],
 )
 def test_trainer_auto_runs_ulysses_and_trains_like_one_process(tmp_path, model_name, init_std, assert_same_training):
-    """cp=2, ``cp_mode="auto"``: attention the ring cannot run is trained exactly by Ulysses, and the log says so."""
+    """cp=2, ``cp_mode="auto"``: eager attention with softcapping or sinks is trained exactly by Ulysses, as logged."""
     overrides = {} if init_std is None else {"initializer_range": init_std}
     run = _train(tmp_path, "--model", model_name, *([] if init_std is None else ["--init-std", str(init_std)]))
     assert ULYSSES_OVER_2 in run["log"]
@@ -80,16 +80,30 @@ def test_trainer_cp4_explicit_mode_trains_like_one_process(tmp_path, mode_args, 
     assert_same_training(run, reference_sgd_run(steps=5, accumulate=1, lr=LR))
 
 
-def test_trainer_ring_on_a_model_the_ring_cannot_run_is_refused_on_every_rank(tmp_path):
-    """gemma2 (eager, softcapped) with ``cp_mode="ring"``: refused at setup, naming the mode that runs it."""
-    log = _failing_run(tmp_path, "--model", "gemma2", "--cp-mode", "ring", "--timeout", "60")
-    refusal = "ContextParallelInputError: cp_mode='ring' cannot run this model exactly: `model.model.layers.0."
+def test_trainer_ring_trains_eager_softcapped_windowed_attention_like_one_process(tmp_path, assert_same_training):
+    """gemma2 (eager, softcapped, a 16-token window on layer 0) with ``cp_mode="ring"``: the masked ring (Note
+    [windowed ring]) trains it exactly through the Trainer."""
+    run = _train(tmp_path, "--model", "gemma2", "--init-std", "0.2", "--cp-mode", "ring")
+    assert "attention by ring over 2 ranks: cp_mode='ring'" in run["log"]
+    reference = reference_sgd_run(
+        steps=5, accumulate=1, lr=LR, model_name="gemma2", model_overrides={"initializer_range": 0.2}
+    )
+    assert_same_training(run, reference, "gemma2", initializer_range=0.2)
+
+
+def test_trainer_ring_on_attention_the_ring_cannot_run_is_refused_on_every_rank(tmp_path):
+    """Mistral's 16-token window on packed documents with ``cp_mode="ring"``: refused at the first step on every
+    rank (the document-masked ring is plain causal per document), naming the mode that runs it."""
+    log = _failing_run(tmp_path, "--model", "mistral", "--packed", "--cp-mode", "ring", "--timeout", "60")
+    refusal = "ContextParallelInputError: `MistralAttention` uses a sliding window of 16 tokens, shorter than the"
     for rank in (0, 1):  # each rank refuses, before any collective, and says which mode to use instead
         failed = rf"lightning_cp: rank {rank} \(data-parallel rank 0, context-parallel rank {rank}\) failed: "
-        assert re.search(failed + re.escape(refusal) + r".* Use cp_mode='ulysses' \(or 'auto'\)", log), log[-6000:]
-    # rank 0 shows the traceback, rank 1 one line, the whole failure in a few lines (lightning_cp.rank_errors)
+        assert re.search(failed + re.escape(refusal) + r".* Use `cp_mode='ulysses'` \(or 'auto'\)", log), log[-6000:]
+    # rank 0 shows the traceback, rank 1 one line, the whole failure in a few lines (lightning_cp.rank_errors);
+    # refused at the first step, after the step's start-up line (a refusal at setup takes 20)
     assert log.count("Traceback (most recent call last)") == 1, log[-6000:]
-    assert len(log.splitlines()) <= 20, log
+    assert len(log.splitlines()) <= 21, log
+    assert "pop from empty list" not in log  # the compile-safe SDPA hook's restore after a refusing pre-hook
     assert f"[rank0]: lightning_cp.validation.{refusal}" in log, log[-6000:]
     assert f"lightning_cp: rank 1: same error as rank 0 ({refusal}" in log, log[-6000:]
 

@@ -7,23 +7,35 @@ there, so every function the module picks — SDPA, its own eager function with 
 comes back wrapped by :func:`_through_cp`. Outside CP, and for modules the hooks did not prepare, the
 wrapper calls the function unchanged; under CP it runs the function through the active mechanism:
 
-* ring: the function as it is (its SDPA call is the ring's); only SDPA without softcapping or sinks;
+* ring: the function as it is (its SDPA call is the ring's) for plain causal SDPA; a sliding window shorter
+  than the sequence, softcapping, sinks or eager attention on the masked ring instead (Note [windowed ring];
+  :mod:`~lightning_cp.attention.ring_variants` says which functions it reproduces, and refuses the rest);
 * Ulysses: the function on whole sequences for this rank's heads (Note [Ulysses]);
-* hybrid: Ulysses inside the group, then the function's SDPA call runs the ring across groups.
+* hybrid: Ulysses inside the group, then the function's SDPA call runs the ring across groups (or, for
+  the variants above, the masked ring across groups on this rank's heads).
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_cp.attention.switch import active_context_parallel
-from lightning_cp.attention.ulysses import ULYSSES_ATTN_IMPLEMENTATIONS, run_attention_function
+from lightning_cp.attention.ledger import record_mechanism_call
+from lightning_cp.attention.masked_ring import AttentionVariant, masked_ring_attention
+from lightning_cp.attention.ring_variants import ring_variant
+from lightning_cp.attention.switch import ActiveContextParallel, active_context_parallel
+from lightning_cp.attention.ulysses import (
+    ULYSSES_ATTN_IMPLEMENTATIONS,
+    back_to_shards,
+    run_attention_function,
+    to_whole_sequences,
+)
 from lightning_cp.validation import ContextParallelInputError
 
 #: Set on attention modules the hooks prepared; the interface leaves every other module alone.
@@ -97,21 +109,6 @@ def _through_cp(original: Callable[..., Any], implementation: str) -> Callable[.
     return attention
 
 
-def _ring_refusal_for(module: nn.Module, implementation: str, kwargs: dict[str, Any]) -> str | None:
-    """Why the ring cannot run this module's attention function exactly, or ``None``."""
-    name = type(module).__name__
-    if implementation != "sdpa":
-        return (
-            f"`{name}` attends with attn_implementation={implementation!r}; the ring runs only"
-            " `F.scaled_dot_product_attention`."
-        )
-    if kwargs.get("softcap") is not None:
-        return f"`{name}` softcaps its attention logits (softcap={kwargs['softcap']}), which the ring's kernels cannot."
-    if kwargs.get("s_aux") is not None or isinstance(getattr(module, "sinks", None), torch.Tensor):
-        return f"`{name}` has attention sinks, which the ring's kernels cannot add."
-    return None
-
-
 @torch.compiler.disable
 def _run_under_cp(
     original: Callable[..., Any],
@@ -126,13 +123,13 @@ def _run_under_cp(
     """Run a hooked module's attention function through the active mechanism (see the module docstring)."""
     active = active_context_parallel()
     assert active is not None
+    window = kwargs["sliding_window"] if "sliding_window" in kwargs else sliding_window_of(module)
     if active.mechanism != "ulysses":
-        reason = _ring_refusal_for(module, implementation, kwargs)
-        if reason is not None:
-            raise ContextParallelInputError(
-                f"{reason} Under cp_mode={active.mechanism!r} it would be wrong; Ulysses runs the model's own"
-                " attention function on whole sequences: use `cp_mode='ulysses'` (or 'auto')."
-            )
+        variant = ring_variant(
+            original, implementation, module, query, window, kwargs, active.global_seq_len, active.documents is not None
+        )
+        if variant is not None:
+            return _masked_ring(active, variant, module, query, key, value), None
     if active.mechanism == "ring":  # the function's SDPA call is the ring's, which records itself
         return original(module, query, key, value, attention_mask, **kwargs)
     if implementation not in ULYSSES_ATTN_IMPLEMENTATIONS:
@@ -141,5 +138,28 @@ def _run_under_cp(
             f" {ULYSSES_ATTN_IMPLEMENTATIONS} attention. Build the model with `attn_implementation='sdpa'`."
         )
     assert active.ulysses is not None
-    window = kwargs["sliding_window"] if "sliding_window" in kwargs else sliding_window_of(module)
     return run_attention_function(original, implementation, active.ulysses, window, module, query, key, value, **kwargs)
+
+
+def _masked_ring(
+    active: ActiveContextParallel,
+    variant: AttentionVariant,
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+) -> torch.Tensor:
+    """``[B, s, H, D]``: the masked ring over the ring ranks (Note [windowed ring]); in the hybrid, on the
+    heads Ulysses gives this rank (Note [hybrid layout]), with their sinks."""
+    assert active.ring_group is not None
+    record_mechanism_call()
+    if active.ulysses is None:
+        out = masked_ring_attention(query, key, value, variant, active.ring_group, active.load_balance)
+        return out.transpose(1, 2)
+    exchange = active.ulysses
+    q, k, v = to_whole_sequences(query, key, value, exchange, f"`{type(module).__name__}`")
+    if variant.sinks is not None:
+        local = q.size(1)
+        variant = replace(variant, sinks=variant.sinks.narrow(0, exchange.group.rank * local, local))
+    out = masked_ring_attention(q, k, v, variant, active.ring_group, active.load_balance)
+    return back_to_shards(out.transpose(1, 2), exchange)

@@ -53,6 +53,8 @@ class ActiveContextParallel:
     ulysses: UlyssesExchange | None = None
     #: Padding positions after each (unpacked) row: bidirectional attention would see them under a ring.
     padding: int = 0
+    #: The ranks the ring runs over (``"ring"``: the CP group; ``"hybrid"``: one rank per Ulysses group).
+    ring_group: dist.ProcessGroup | None = None
 
 
 _active: ActiveContextParallel | None = None
@@ -313,7 +315,13 @@ def ring_attention(
     dispatcher = _torch.ring_dispatcher(cp_mesh, SDPA_SEQ_DIM, load_balance, rotation_for(cp_mesh, rotate_method))
     mechanism = "ring" if ulysses is None else "hybrid"
     state = ActiveContextParallel(
-        load_balance, global_seq_len, documents, mechanism=mechanism, ulysses=ulysses, padding=padding
+        load_balance,
+        global_seq_len,
+        documents,
+        mechanism=mechanism,
+        ulysses=ulysses,
+        padding=padding,
+        ring_group=cp_mesh.get_group(),
     )
     with switched_on(dispatcher, state, cp_mesh):
         yield

@@ -213,7 +213,7 @@ def _heads_sharded() -> Iterator[None]:
         _inside_heads_sharded = outer
 
 
-def _to_whole_sequences(
+def to_whole_sequences(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, exchange: UlyssesExchange, where: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``[B, H, s, D]`` shards → ``[B, H/u, S, D]`` whole sequences in sequence order (Note [Ulysses])."""
@@ -225,7 +225,7 @@ def _to_whole_sequences(
     return traded[0], traded[1], traded[2]
 
 
-def _back_to_shards(out: torch.Tensor, exchange: UlyssesExchange) -> torch.Tensor:
+def back_to_shards(out: torch.Tensor, exchange: UlyssesExchange) -> torch.Tensor:
     """``[B, S, H/u, D]`` in sequence order → this rank's ``[B, s, H, D]`` shard."""
     if exchange.order is not None:
         out = take_positions(out, exchange.order.argsort(dim=-1), seq_dim=1)
@@ -262,7 +262,7 @@ def run_attention_function(
     ``[B, H, s, D]`` shards and keyword arguments. Returns ``([B, s, H, D], None)``: attention weights do
     not exist per shard.
     """
-    q, k, v = _to_whole_sequences(query, key, value, exchange, f"`{type(module).__name__}`")
+    q, k, v = to_whole_sequences(query, key, value, exchange, f"`{type(module).__name__}`")
     view = _LocalHeadsView(module, exchange.group, query.size(1), q.size(1) // k.size(1))
     kwargs = _local_head_kwargs(kwargs, exchange.group, query.size(1))
     requested = kwargs.pop("is_causal", None)
@@ -276,7 +276,7 @@ def run_attention_function(
 
     out = _attend_spans(attend, q, k, v, exchange.spans, causal, window, additive)
     record_mechanism_call()
-    return _back_to_shards(out, exchange), None
+    return back_to_shards(out, exchange), None
 
 
 def _attend_spans(
@@ -343,7 +343,7 @@ def ulysses_sdpa(inner: Callable[..., torch.Tensor], exchange: UlyssesExchange) 
         if _inside_heads_sharded:
             return inner(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
         _refuse_mask(attn_mask, exchange.group)
-        q, k, v = _to_whole_sequences(query, key, value, exchange, "`F.scaled_dot_product_attention`")
+        q, k, v = to_whole_sequences(query, key, value, exchange, "`F.scaled_dot_product_attention`")
         gqa = q.size(1) != k.size(1)
 
         def attend(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -353,6 +353,6 @@ def ulysses_sdpa(inner: Callable[..., torch.Tensor], exchange: UlyssesExchange) 
 
         out = _attend_spans(attend, q, k, v, exchange.spans, False, None, None)
         record_mechanism_call()
-        return _back_to_shards(out, exchange).transpose(1, 2)
+        return back_to_shards(out, exchange).transpose(1, 2)
 
     return ulysses_scaled_dot_product_attention

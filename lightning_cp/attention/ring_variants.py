@@ -1,0 +1,98 @@
+"""Which Hugging Face attention calls the ring runs as they are, which on the masked ring, and which it refuses.
+
+Under the ring (and across the groups of the hybrid) an attention function's own SDPA call runs on torch's
+ring when it is plain causal SDPA. A sliding window shorter than the sequence, logit softcapping, attention
+sinks and eager attention run on the masked ring instead (Note [windowed ring] in
+:mod:`lightning_cp.attention.masked_ring`), which recomputes the function from its keyword arguments. That is
+exact only for functions whose computation is known: SDPA, and the eager functions of the families listed in
+:data:`KNOWN_EAGER_MODULES` (read from transformers 5.25: ``scaling · q·kᵀ``, optional ``softcap``, the mask,
+an fp32 softmax — with gpt-oss's sink column — and ``p·v``). Anything else is refused with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_cp.attention.masked_ring import AttentionVariant
+from lightning_cp.validation import ContextParallelInputError
+
+#: Modeling modules whose ``eager_attention_forward`` the masked ring reproduces exactly (each read).
+KNOWN_EAGER_MODULES: frozenset[str] = frozenset(
+    f"transformers.models.{family}.modeling_{family}"
+    for family in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt_oss")
+)
+#: Keyword arguments of an attention function that the masked ring reads, or that do not change attention.
+_UNDERSTOOD = frozenset(
+    {"dropout", "scaling", "sliding_window", "softcap", "s_aux", "is_causal"}
+    | {"position_ids", "cache_position", "use_cache", "output_attentions", "output_router_logits"}
+)
+
+
+def sinks_of(module: nn.Module, kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The per-head sink logits of a call: gpt-oss passes them as ``s_aux`` and reads ``module.sinks``."""
+    if kwargs.get("s_aux") is not None:
+        return kwargs["s_aux"]
+    sinks = getattr(module, "sinks", None)
+    return sinks if isinstance(sinks, torch.Tensor) else None
+
+
+def ring_variant(
+    original: Callable[..., Any],
+    implementation: str,
+    module: nn.Module,
+    query: torch.Tensor,
+    window: int | None,
+    kwargs: dict[str, Any],
+    global_seq_len: int | None,
+    packed: bool,
+) -> AttentionVariant | None:
+    """The :class:`AttentionVariant` the masked ring runs for this call, or ``None`` when torch's SDPA ring runs it.
+
+    Raises :class:`ContextParallelInputError` (the same on every rank: it reads the module and the call) when
+    neither ring can run it exactly, naming why and what would.
+    """
+    name = type(module).__name__
+    softcap, sinks = kwargs.get("softcap"), sinks_of(module, kwargs)
+    windowed = window is not None and (global_seq_len is None or window < global_seq_len)
+    if implementation == "sdpa" and softcap is None and sinks is None and not windowed:
+        return None
+    what = _describe(implementation, window if windowed else None, softcap, sinks)
+    if implementation not in ("sdpa", "eager"):
+        _refuse(f"`{name}` attends with attn_implementation={implementation!r}; the ring runs 'sdpa' and 'eager'")
+    if implementation == "eager" and getattr(original, "__module__", None) not in KNOWN_EAGER_MODULES:
+        _refuse(
+            f"`{name}` attends with the eager function of `{getattr(original, '__module__', original)}`, which the"
+            " ring would have to recompute and does not know (it reproduces the eager attention of"
+            f" {sorted(module.rsplit('_', 1)[-1] for module in KNOWN_EAGER_MODULES)})"
+        )
+    if packed:
+        _refuse(f"`{name}` {what} on packed documents; the document-masked ring runs plain causal SDPA only")
+    if not kwargs.get("is_causal", getattr(module, "is_causal", True)):
+        _refuse(f"`{name}` {what} without causal masking; the masked ring is causal only")
+    if kwargs.get("dropout"):
+        _refuse(f"`{name}` uses attention dropout ({kwargs['dropout']}); set the model's attention dropout to 0")
+    unknown = sorted(key for key, value in kwargs.items() if key not in _UNDERSTOOD and value is not None)
+    if unknown:
+        _refuse(f"`{name}` {what} and passes {unknown} to its attention function, which the masked ring does not read")
+    scaling = kwargs.get("scaling")
+    scale = query.size(-1) ** -0.5 if scaling is None else float(scaling)
+    return AttentionVariant(scale, window, softcap, sinks)
+
+
+def _describe(implementation: str, window: int | None, softcap: float | None, sinks: torch.Tensor | None) -> str:
+    parts = [f"attn_implementation={implementation!r}"]
+    parts += [] if window is None else [f"a sliding window of {window} tokens"]
+    parts += [] if softcap is None else [f"logit softcapping ({softcap})"]
+    parts += [] if sinks is None else ["attention sinks"]
+    return "uses " + ", ".join(parts)
+
+
+def _refuse(reason: str) -> None:
+    raise ContextParallelInputError(
+        f"{reason}. Under the ring it would be wrong; Ulysses runs the model's own attention function on whole"
+        " sequences: use `cp_mode='ulysses'` (or 'auto')."
+    )
