@@ -123,7 +123,8 @@ def create_context_parallel_ctx(
         )
         seq_len = cp_buffers[0].size(cp_seq_dims[0]) if cp_buffers else None
         route_loaded_mixer_functions()  # an unhooked mixer stops instead of mixing one shard
-        with switched_on(torch_cp, ActiveContextParallel(attention.load_balance_enabled(), seq_len), cp_mesh):
+        state = ActiveContextParallel(attention.load_balance_enabled(), seq_len, ring_group=cp_mesh.get_group())
+        with switched_on(torch_cp, state, cp_mesh):
             yield
     finally:
         attention.set_rotate_method(saved_rotate_method)

@@ -300,8 +300,8 @@ def test_negative_control_bidirectional_attention_sees_padding_without_its_span(
         torch.testing.assert_close(result["cp"][0], result["reference"][0], rtol=1e-5, atol=1e-6)
 
 
-def _functional_zoo_parities(rank: int, world_size: int, names: tuple[str, ...]) -> dict[str, dict]:
-    """Each zoo model through ``make_cp_batch_and_ctx`` (hooks attached, ``cp_mode="auto"``) vs one process."""
+def _functional_zoo_parities(rank: int, world_size: int, runs: tuple[tuple[str, str], ...]) -> dict[str, dict]:
+    """Each ``(zoo model, cp_mode)`` through ``make_cp_batch_and_ctx`` (hooks attached) vs one process."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from lightning_cp import attach_context_parallel_hooks, make_cp_batch_and_ctx, token_correct_loss
@@ -309,7 +309,7 @@ def _functional_zoo_parities(rank: int, world_size: int, names: tuple[str, ...])
 
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))
     results = {}
-    for name in names:
+    for name, cp_mode in runs:
         model = zoo_model(name, **ZOO_OVERRIDES.get(name, {}))
         batch = lm_batch(seq_len=130)  # labels already shifted: the functional API shards them as given
         reference = copy.deepcopy(model)
@@ -319,7 +319,7 @@ def _functional_zoo_parities(rank: int, world_size: int, names: tuple[str, ...])
         )
         ref_loss.backward()
         attach_context_parallel_hooks(model)
-        train_ctx, local = make_cp_batch_and_ctx(mesh, batch)
+        train_ctx, local = make_cp_batch_and_ctx(mesh, batch, cp_mode=cp_mode)
         labels = local.pop("labels")
         with train_ctx():
             loss = token_correct_loss(model(**local).logits, labels, mesh["cp"])
@@ -331,8 +331,8 @@ def _functional_zoo_parities(rank: int, world_size: int, names: tuple[str, ...])
             grad = param.grad.clone() if param.grad is not None else torch.zeros_like(param)
             torch.distributed.all_reduce(grad)
             grads[param_name] = grad
-        results[name] = {
-            "mechanism": "ulysses",
+        results[f"{name}-{cp_mode}"] = {
+            "mechanism": "ulysses" if cp_mode == "auto" else cp_mode,
             "loss": total,
             "ref_loss": ref_loss.detach(),
             "grads": grads,
@@ -342,7 +342,10 @@ def _functional_zoo_parities(rank: int, world_size: int, names: tuple[str, ...])
 
 
 def test_functional_api_runs_zoo_models_exactly():
-    names = ("gemma2", "gpt_oss", "mistral", "gpt_bigcode")
-    by_rank = run_on_ranks(_functional_zoo_parities, names)
-    for name in names:
-        assert_parity([results[name] for results in by_rank], "ulysses")
+    # "auto" (Ulysses), and the masked ring under cp_mode="ring" (Note [windowed ring])
+    runs = (*((name, "auto") for name in ("gemma2", "gpt_oss", "mistral", "gpt_bigcode")), ("gemma2", "ring"))
+    runs += (("gpt_oss", "ring"), ("mistral", "ring"))
+    by_rank = run_on_ranks(_functional_zoo_parities, runs)
+    for name, cp_mode in runs:
+        expected = "ulysses" if cp_mode == "auto" else cp_mode
+        assert_parity([results[f"{name}-{cp_mode}"] for results in by_rank], expected)
