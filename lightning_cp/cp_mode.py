@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from lightning_cp.attention.alibi import alibi_heads, is_alibi_attention
 from lightning_cp.attention.interface import sliding_window_of, uses_attention_interface
 from lightning_cp.attention.ulysses import ULYSSES_ATTN_IMPLEMENTATIONS, ulysses_head_error, ulysses_sizes_that_work
 from lightning_cp.validation import ContextParallelInputError
@@ -105,6 +106,8 @@ class AttentionTraits:
 def _heads(module: nn.Module, tensor_parallel_size: int) -> tuple[int | None, int | None]:
     config = getattr(module, "config", None)
     query = getattr(module, "num_heads", None) or getattr(config, "num_attention_heads", None)
+    if query is None and is_alibi_attention(module):
+        query = alibi_heads(module)  # MPT's `n_heads`
     kv = getattr(module, "num_key_value_heads", None) or getattr(config, "num_key_value_heads", None)
     if kv is None and getattr(config, "multi_query", False):
         kv = 1  # GPTBigCode / Falcon multi-query attention
@@ -125,7 +128,8 @@ def attention_traits(name: str, module: nn.Module, tensor_parallel_size: int = 1
         name=name,
         query_heads=query,
         kv_heads=kv,
-        implementation=getattr(config, "_attn_implementation", None),
+        # hand-written ALiBi (Bloom, MPT) runs by its own core under every mechanism (Note [hand-written ALiBi])
+        implementation=None if is_alibi_attention(module) else getattr(config, "_attn_implementation", None),
         interface=uses_attention_interface(module),
         window=sliding_window_of(module),
         softcap=softcap,

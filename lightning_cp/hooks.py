@@ -24,6 +24,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from lightning_cp.attention import ledger
+from lightning_cp.attention.alibi import is_alibi_attention, prepare_alibi_attention
 from lightning_cp.attention.interface import (
     HOOKED_MARK,
     route_attention_interface,
@@ -68,8 +69,9 @@ def hooked_attention_modules() -> dict[str, nn.Module]:
 def find_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Self-attention modules of ``model`` by qualified name.
 
-    A module counts when it is named ``self_attn`` (the Hugging Face decoder convention) or its class
-    name ends in ``Attention`` and it declares ``is_causal``; cross-attention (a name with ``cross``
+    A module counts when it is named ``self_attn`` (the Hugging Face decoder convention), its class
+    name ends in ``Attention`` and it declares ``is_causal``, or it is Bloom's or MPT's hand-written ALiBi
+    attention (:mod:`lightning_cp.attention.alibi`); cross-attention (a name with ``cross``
     or ``encoder_attn``), modules nested in one already found, and linear attention (a sequence mixer,
     :func:`~lightning_cp.mixers.detect.is_sequence_mixer`) are left out.
     """
@@ -82,7 +84,8 @@ def find_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
             continue
         if is_sequence_mixer(module):
             continue  # linear attention (Kimi's, MiniMax's) is a mixer: lightning_cp.mixers runs it
-        if leaf == "self_attn" or (type(module).__name__.endswith("Attention") and hasattr(module, "is_causal")):
+        named_like_attention = type(module).__name__.endswith("Attention") and hasattr(module, "is_causal")
+        if leaf == "self_attn" or named_like_attention or is_alibi_attention(module):
             found[name] = module
     return found
 
@@ -90,8 +93,8 @@ def find_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
 def attention_like_modules(model: nn.Module, found: dict[str, nn.Module]) -> dict[str, nn.Module]:
     """Modules that look like self-attention (a class name ending in ``Attention``) but are not in ``found``.
 
-    Bloom's and MPT's attention, for instance: written by hand (ALiBi), without ``is_causal``, never
-    calling SDPA or transformers' attention interface. Modules inside or around a found one are left out.
+    Attention written by hand, without ``is_causal``, never calling SDPA or transformers' attention interface
+    (other than Bloom's and MPT's, which CP runs). Modules inside or around a found one are left out.
     """
     others: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
@@ -146,7 +149,7 @@ def _refuse_unreachable(model: nn.Module, found: dict[str, nn.Module]) -> None:
     owner = _owner_of(model, list(unreachable))
     raise ContextParallelInputError(
         f"{owner} has attention modules that context parallelism cannot reach: {listed}{more}."
-        " They compute attention by hand (e.g. ALiBi attention in Bloom or MPT), not through"
+        " They compute attention by hand, not through"
         " `F.scaled_dot_product_attention` or transformers' attention interface, so under CP each rank would"
         " attend only inside its own shard: the loss would look right and the gradients would be wrong. No CP"
         " mode (ring, Ulysses) can run them; train this model without context parallelism, or use a model whose"
@@ -301,7 +304,10 @@ def attach_context_parallel_hooks(model: nn.Module) -> list[str]:
     modules = find_attention_modules(model)
     _refuse_unreachable(model, modules)
     for name, module in modules.items():
-        _check_attn_implementation(name, module)
+        if is_alibi_attention(module):
+            prepare_alibi_attention(module)  # its hand-written core runs through CP (Note [hand-written ALiBi])
+        else:
+            _check_attn_implementation(name, module)
         if getattr(module, HOOKED_MARK, False):
             continue
         module._lightning_cp_mask_index = _mask_arg_index(module)

@@ -542,7 +542,7 @@ def attention_context(
     if mechanism == "ulysses":
         spans = document_spans(layout) if layout is not None else padding_spans(seq_len, padded_len)
         exchange = UlyssesExchange(groups.ulysses, gathered_order(held), spans)
-        return ulysses_attention(exchange, global_seq_len=global_seq_len)
+        return ulysses_attention(exchange, global_seq_len=global_seq_len, documents=layout)
     assert groups.ring_mesh is not None
     return ring_attention(
         groups.ring_mesh,

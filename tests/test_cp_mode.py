@@ -82,41 +82,58 @@ def test_bad_options_are_refused_before_any_process_starts(cp_mode, ulysses_size
         validate_cp_mode(cp_mode, ulysses_size)
 
 
-@pytest.mark.parametrize(
-    "name,module", [("bloom", "transformer.h.0.self_attention"), ("mpt", "transformer.blocks.0.attn")]
-)
-def test_hand_written_alibi_attention_is_refused_at_attach_time(name, module):
-    # Nothing could be hooked: before, each rank silently attended only inside its own shard
-    with pytest.raises(ContextParallelInputError, match=rf"cannot reach: `{module}`.*by hand"):
-        attach_context_parallel_hooks(zoo_model(name))
+class HandWrittenAttention(nn.Module):
+    """Attention computed by hand (no SDPA, no attention interface, no ``is_causal``): CP cannot reach it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(64, 64)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        scores = (hidden @ hidden.transpose(-1, -2)).softmax(-1)
+        return self.proj(scores @ hidden)
+
+
+def _llama_with_hand_written_attention() -> nn.Module:
+    model = zoo_model("llama")
+    model.model.layers[0].mlp = HandWrittenAttention()
+    return model
+
+
+@pytest.mark.parametrize("name", ["bloom", "mpt"])
+def test_hand_written_alibi_attention_is_hooked(name):
+    # Bloom's and MPT's ALiBi attention runs through CP (Note [hand-written ALiBi]; parity in tests/test_ulysses.py)
+    assert len(attach_context_parallel_hooks(zoo_model(name))) == 2
+    assert choose_mechanism(_traits(name), 2).name == "ulysses"
+    assert runnable_modes(_traits(name), 4) == ["ulysses", "ring", "hybrid(ulysses_size=2)"]
 
 
 def test_unreachable_attention_names_the_hugging_face_model_not_the_lightning_module():
-    """Issue 26: the refusal named the LightningModule class (``M``) that holds the Bloom model."""
+    """Issue 26: the refusal named the LightningModule class (``M``) that holds the Hugging Face model."""
     import lightning as L
 
     class M(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.model = zoo_model("bloom")
+            self.model = _llama_with_hand_written_attention()
 
     with pytest.raises(ContextParallelInputError) as refusal:
         attach_context_parallel_hooks(M())
     assert str(refusal.value).startswith(
-        "BloomForCausalLM (`model`) has attention modules that context parallelism cannot reach:"
-        " `model.transformer.h.0.self_attention` (BloomAttention)"
+        "LlamaForCausalLM (`model`) has attention modules that context parallelism cannot reach:"
+        " `model.model.layers.0.mlp` (HandWrittenAttention)"
     )
 
 
 def _functional_error(rank: int, world_size: int, case: str) -> str:
     """The error each rank raises in a functional CP step that cannot be exact (``""``: none)."""
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))
-    if case == "bloom_session":
+    if case == "unreachable_session":
         from lightning_cp.mesh import ParallelLayout, build_device_mesh
         from lightning_cp.session import ContextParallelSession
 
         layout_mesh, data_context = build_device_mesh(ParallelLayout(1, world_size, 1), torch.device("cpu"))
-        model: nn.Module = zoo_model("bloom")
+        model: nn.Module = _llama_with_hand_written_attention()
         try:
             ContextParallelSession(layout_mesh, data_context).prepare_model(model)
         except ContextParallelInputError as error:
@@ -169,7 +186,8 @@ class _ModelBypassingCP(nn.Module):
 
 
 def _functional_errors(rank: int, world_size: int) -> dict[str, str]:
-    return {case: _functional_error(rank, world_size, case) for case in ("no_hooks", "bypass", "bloom_session")}
+    cases = ("no_hooks", "bypass", "unreachable_session")
+    return {case: _functional_error(rank, world_size, case) for case in cases}
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +202,7 @@ def refusals() -> list[dict[str, str]]:
         # rank 0's shard has a position jump, so only its model builds a mask; rank 1 must stop too
         ("no_hooks", r"refused on context-parallel rank\(s\) \[0\]; all ranks stop"),
         ("bypass", r"`self_attn` \(_AttentionBySdpaImportedByName\) finished its forward .*'ulysses'"),
-        ("bloom_session", r"cannot reach: `transformer.h.0.self_attention` \(BloomAttention\)"),
+        ("unreachable_session", r"cannot reach: `model.layers.0.mlp` \(HandWrittenAttention\)"),
     ],
 )
 def test_refusals_reach_every_rank(refusals, case, expected):

@@ -17,7 +17,7 @@ from models import lm_batch
 from test_packed_training import _unpacked, packed_batch
 
 from lightning_cp import session as session_module
-from lightning_cp.attention import interface, ulysses
+from lightning_cp.attention import alibi, interface, ulysses
 from lightning_cp.attention.switch import ulysses_attention
 from lightning_cp.attention.ulysses import UlyssesExchange, UlyssesGroup
 from lightning_cp.mesh import ParallelLayout, build_device_mesh
@@ -58,6 +58,14 @@ def _bypassed(what: str | None) -> Iterator[None]:
         return
     if what == "order":  # take the gathered shards as if they were in sequence order
         module, name, replacement = session_module, "gathered_order", lambda held: None
+    elif what == "alibi-heads":  # every Ulysses rank takes the first heads' slopes
+        module, name = alibi, "local_slopes"
+        replacement = lambda slopes, rank, size: slopes.narrow(0, 0, slopes.numel() // size)  # noqa: E731
+    elif what == "alibi":  # no position bias at all
+        with _patched(alibi, "_bloom_slopes", lambda m: torch.zeros(m.num_heads)):
+            with _patched(alibi, "_mpt_slopes", lambda m: torch.zeros(m.n_heads)):
+                yield
+        return
     elif what in _RING_BYPASSES:  # the masked ring without the window, the softcap or the sinks
         original_variant = interface.ring_variant
 
@@ -70,6 +78,13 @@ def _bypassed(what: str | None) -> Iterator[None]:
         original = ulysses.span_mask
         module, name = ulysses, "span_mask"
         replacement = lambda length, **kw: original(length, **{**kw, "window": None})  # noqa: E731
+    with _patched(module, name, replacement):
+        yield
+
+
+@contextmanager
+def _patched(module, name: str, replacement) -> Iterator[None]:
+    """``module.name`` replaced while open, put back after (the ranks' processes serve later cases)."""
     saved = getattr(module, name)
     setattr(module, name, replacement)
     try:
@@ -173,6 +188,9 @@ ZOO_OVERRIDES = {"gemma2": {"initializer_range": 0.2}}
 #: layers), eager attention with softcapping (Gemma 2), eager attention with sinks and windows (gpt-oss).
 VARIANT_MODELS = ("mistral", "gemma3", "gemma2", "gpt_oss")
 
+#: Hand-written ALiBi attention.
+ALIBI_MODELS = ("bloom", "mpt")
+
 #: Two ranks. Llama in each mode, plain and packed; every attention variant with "auto" (Ulysses): Mistral's
 #: window 16 < 130 tokens, Gemma 2's eager softcapped attention, Gemma 3's mixed sliding/full layers,
 #: gpt-oss's sinks and MoE, multi-query attention through the interface (GPTBigCode) and by SDPA
@@ -194,6 +212,12 @@ TWO_RANK_CASES = [
     Case("gemma2", "ring", bypass="softcap", expected="ring"),
     Case("gpt_oss", "ring", bypass="sinks", expected="ring"),
     Case("mistral", "ring", packed=True, expected="refused"),
+    # hand-written ALiBi (Bloom, MPT): the module's core under CP (Note [hand-written ALiBi]); negative controls:
+    # no bias at all (ring), every rank with the first heads' slopes (Ulysses)
+    *(Case(name, mode, expected=mode) for name in ALIBI_MODELS for mode in ("ring", "ulysses")),
+    Case("bloom", "auto"),
+    Case("bloom", "ring", bypass="alibi", expected="ring"),
+    Case("mpt", "ulysses", bypass="alibi-heads"),
 ]
 
 #: Four ranks: the hybrid (Ulysses 2 x ring 2) and the ring over 4, plain and packed; multi-query models
@@ -216,6 +240,9 @@ FOUR_RANK_CASES = [
         for mode, size in (("hybrid", 2), ("ring", None))
     ),
     Case("gpt_oss", "hybrid", 2, bypass="sinks", expected="hybrid"),
+    *(Case(name, "hybrid", 2, expected="hybrid") for name in ALIBI_MODELS),
+    Case("bloom", "ring", expected="ring"),
+    Case("bloom", "hybrid", 2, bypass="alibi-heads", expected="hybrid"),
     Case("mistral", "hybrid", 2, bypass="ring-window", expected="hybrid"),
 ]
 

@@ -53,6 +53,8 @@ class AttentionVariant:
     softcap: float | None = None
     #: ``[heads]`` per-head sink logits added to each row's softmax denominator (gpt-oss).
     sinks: torch.Tensor | None = None
+    #: ``[heads]`` ALiBi slopes: ``slope · (k - q)`` added to the scores (Bloom, MPT; Note [hand-written ALiBi]).
+    alibi_slopes: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,7 @@ def masked_ring_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     variant: AttentionVariant,
-    group: dist.ProcessGroup,
+    group: dist.ProcessGroup | None,
     load_balance: bool,
 ) -> torch.Tensor:
     """Causal attention of this rank's ``[B, H, s, D]`` shards over the whole sequence (Note [windowed ring]).
@@ -178,19 +180,24 @@ def masked_ring_attention(
     ``key``/``value`` may have fewer heads than ``query`` (grouped-query attention). Every rank of ``group``
     must call it together with the same ``variant`` (window, softcap and sinks of the same layer); the
     shards are laid out over ``group`` as :func:`~lightning_cp.sharding.sequence.shard_positions` says.
-    Differentiable; returns ``[B, H, s, D]`` in ``query``'s dtype.
+    ``group=None``: the whole sequence is here, in order (Ulysses). Differentiable; returns ``[B, H, s, D]`` in
+    ``query``'s dtype.
     """
     if query.size(1) % key.size(1):
         raise ValueError(f"{query.size(1)} query heads cannot share {key.size(1)} key/value heads evenly.")
-    ring_size, rank = dist.get_world_size(group), dist.get_rank(group)
-    plan = plan_fetch(query.size(2) * ring_size, ring_size, rank, load_balance, variant.window)
+    ring_size, rank = (1, 0) if group is None else (dist.get_world_size(group), dist.get_rank(group))
+    plan = plan_fetch(query.size(2) * ring_size, ring_size, rank, load_balance and group is not None, variant.window)
     with torch.autocast(query.device.type, enabled=False):  # fp32 scores and softmax, whatever the caller's dtype
-        kv = _FetchKeys.apply(torch.stack([key, value]), plan, group).float()
+        kv = torch.stack([key, value])
+        kv = (kv if group is None else _FetchKeys.apply(kv, plan, group)).float()
         scores = _grouped_scores(query.float() * variant.scale, kv[0])
         if variant.softcap is not None:
             scores = torch.tanh(scores / variant.softcap) * variant.softcap
-        allowed = visible(plan.positions.to(query.device), plan.key_positions.to(query.device), variant.window)
-        scores = scores.masked_fill(~allowed, -math.inf)
+        query_positions, key_positions = plan.positions.to(query.device), plan.key_positions.to(query.device)
+        if variant.alibi_slopes is not None:
+            distance = (key_positions[None, :] - query_positions[:, None]).float()
+            scores = scores + variant.alibi_slopes.float().view(1, -1, 1, 1) * distance
+        scores = scores.masked_fill(~visible(query_positions, key_positions, variant.window), -math.inf)
         if variant.sinks is not None:
             sinks = variant.sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:3], 1)
             probs = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1]

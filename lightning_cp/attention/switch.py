@@ -278,13 +278,16 @@ def switched_on(
 
 
 @contextmanager
-def ulysses_attention(exchange: UlyssesExchange, *, global_seq_len: int | None = None) -> Iterator[None]:
+def ulysses_attention(
+    exchange: UlyssesExchange, *, global_seq_len: int | None = None, documents: PackedLayout | None = None
+) -> Iterator[None]:
     """Run attention by Ulysses while open (Note [Ulysses] in :mod:`lightning_cp.attention.ulysses`).
 
     Inputs are this rank's sequence shards, in any layout ``exchange.order`` puts back in order;
-    ``exchange.spans`` lists each row's documents (packed rows), which attention never crosses.
+    ``exchange.spans`` lists each row's documents (packed rows), which attention never crosses;
+    ``documents``: the packed layout they come from, if any.
     """
-    state = ActiveContextParallel(False, global_seq_len, mechanism="ulysses", ulysses=exchange)
+    state = ActiveContextParallel(False, global_seq_len, documents, mechanism="ulysses", ulysses=exchange)
     with switched_on(nullcontext(), state, None):
         yield
 
