@@ -283,8 +283,8 @@ def attach_context_parallel_hooks(model: nn.Module) -> list[str]:
 
     While CP is on, each module drops its mask (the mechanism rebuilds what the whole sequence needs),
     and a module whose forward ends without attention going through the mechanism raises. Mode-agnostic:
-    what a mechanism cannot run (eager attention under the ring, say) is refused when it runs. A model
-    with attention modules CP cannot reach at all (hand-written attention, as Bloom's) is refused here.
+    what a mechanism cannot run (a window on packed documents under the ring, say) is refused when it runs. A
+    model with attention modules CP cannot reach at all (written by hand, other than Bloom's and MPT's) is refused.
     Sequence mixers that are not attention (gated delta nets, Mamba scans, causal convolutions) are hooked
     too (:func:`~lightning_cp.mixers.hooks.attach_mixer_hooks`): under CP each runs by the mechanism
     chosen for it, or stops. Also makes the outermost modules that take ``position_ids`` refuse to run under
