@@ -41,6 +41,7 @@ from lightning_cp.attention.switch import active_context_parallel
 from lightning_cp.attention.ulysses import heads_to_sequence, sequence_to_heads, ulysses_head_error
 from lightning_cp.mixers import switch
 from lightning_cp.mixers.exchange import MixerExchange, ordered_from_rank_order, rank_order_from_ordered, to_whole_row
+from lightning_cp.mixers.state_passing import STATE_PASSING_ROUTES
 from lightning_cp.validation import ContextParallelInputError
 
 #: Set on the routers that replace a modeling module's mixer functions.
@@ -335,6 +336,17 @@ ROUTES: dict[str, tuple[Callable[..., Any], str | None]] = {
     },
 }
 
+#: What runs each mixer function under each mechanism that routes functions: the all-to-all's :data:`ROUTES`;
+#: state passing (:mod:`lightning_cp.mixers.state_passing`) its own functions, and the same refusals and fused
+#: kernels stepping aside.
+MECHANISM_ROUTES: dict[str, dict[str, Callable[..., Any]]] = {
+    "all_to_all": {name: handler for name, (handler, _) in ROUTES.items()},
+    "state_passing": {
+        **{name: handler for name, (handler, part) in ROUTES.items() if part is None},
+        **STATE_PASSING_ROUTES,
+    },
+}
+
 #: Sequence-mixing functions transformers' mixers call that the all-to-all does not run (yet): a mixer
 #: calling one of them runs by ``"gather"``.
 UNROUTED = ("mamba_selective_scan",)
@@ -351,8 +363,6 @@ def depthwise_conv_error(conv: Any, size: int) -> str | None:
 
 
 def _router(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
-    handler, _ = ROUTES[name]
-
     def routed(*args: Any, **kwargs: Any) -> Any:
         if switch.active_mixer_exchange() is None and active_context_parallel() is None:
             return original(*args, **kwargs)  # no CP
@@ -363,6 +373,13 @@ def _router(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
                 f"`{name}` ran under context parallelism outside any sequence mixer lightning_cp prepared, so it"
                 " would mix only this rank's shard. Attach the hooks to the whole model (the strategies do it;"
                 " with the functional API call `attach_context_parallel_hooks(model)`)."
+            )
+        mechanism = switch.innermost_mechanism()
+        handler = MECHANISM_ROUTES[mechanism].get(name)
+        if handler is None:
+            raise ContextParallelInputError(
+                f"`{name}` ran in a sequence mixer run by mixer_mode {mechanism!r}, which does not run it. Use"
+                " mixer_mode='all_to_all' or 'gather' for this model."
             )
         with switch.running_whole():
             return handler(original, *args, **kwargs)

@@ -5,6 +5,9 @@
   rank holds the mixer's activations for ``1/cp`` of its heads; the heads must split over the CP ranks.
 * ``"gather"``: every rank runs the mixer on the whole sequence (:mod:`lightning_cp.mixers.whole_sequence`).
   Any mixer, exactly; that layer's memory and compute are not divided by ``cp``.
+* ``"state_passing"``: each rank runs its own positions; the recurrences' states (and the convolutions'
+  halos) are passed along the row (Note [state passing] in :mod:`lightning_cp.mixers.state_passing`).
+  Bytes independent of the sequence length; gated delta nets, Mamba-2 and causal convolutions.
 * ``"auto"`` (default): per layer, the all-to-all where it can run the mixer, else gather.
 """
 
@@ -16,25 +19,20 @@ from dataclasses import dataclass
 from lightning_cp.mixers.detect import MixerTraits
 from lightning_cp.validation import ContextParallelInputError
 
-MIXER_MODES: tuple[str, ...] = ("auto", "all_to_all", "gather")
+MIXER_MODES: tuple[str, ...] = ("auto", "all_to_all", "gather", "state_passing")
 
 
 def validate_mixer_mode(mixer_mode: str) -> None:
     """Refuse an unknown ``mixer_mode`` before any process starts."""
-    match mixer_mode:
-        case "auto" | "all_to_all" | "gather":
-            return
-        case "state_passing":
-            raise ValueError("mixer_mode='state_passing' is not available yet; use 'auto', 'all_to_all' or 'gather'.")
-        case _:
-            raise ValueError(f"`mixer_mode` must be one of {MIXER_MODES}, got {mixer_mode!r}.")
+    if mixer_mode not in MIXER_MODES:
+        raise ValueError(f"`mixer_mode` must be one of {MIXER_MODES}, got {mixer_mode!r}.")
 
 
 @dataclass(frozen=True)
 class MixerPlan:
     """The mechanism of every sequence mixer of a model, and why (for the line printed at start)."""
 
-    #: Mixer name → ``"all_to_all"`` or ``"gather"``.
+    #: Mixer name → ``"all_to_all"``, ``"gather"`` or ``"state_passing"``.
     mechanisms: dict[str, str]
     kinds: dict[str, str]
     reasons: dict[str, str]
@@ -64,6 +62,14 @@ def choose_mixer_mechanisms(traits: list[MixerTraits], cp_size: int, mixer_mode:
         match mixer_mode:
             case "gather":
                 mechanisms[trait.name], reasons[trait.name] = "gather", "mixer_mode='gather'"
+            case "state_passing":
+                if trait.state_passing_obstacle is not None:
+                    raise ContextParallelInputError(
+                        f"mixer_mode='state_passing' cannot run this model exactly: {trait.state_passing_obstacle}."
+                        " It runs gated delta nets, Mamba-2 scans and causal convolutions (Note [state passing]);"
+                        " use mixer_mode='all_to_all' or 'gather' (or 'auto', which picks one for every layer)."
+                    )
+                mechanisms[trait.name], reasons[trait.name] = "state_passing", ""
             case "all_to_all":
                 if obstacle is not None:
                     raise ContextParallelInputError(
