@@ -22,6 +22,7 @@ from torch import nn
 from lightning_cp.attention.ulysses import ulysses_head_error, ulysses_sizes_that_work
 from lightning_cp.mixers.heads import MODULE_ROUTED_MIXERS, MODULE_ROUTES, ROUTES, UNROUTED, depthwise_conv_error
 from lightning_cp.mixers.state_passing import STATE_PASSING_ROUTES
+from lightning_cp.mixers.traffic import MixerTraffic, mixer_traffic
 
 _STATE_SPACE_PARAMETERS = ("A_log", "dt_bias")
 _MIXER_CLASS_HINTS = (
@@ -103,6 +104,8 @@ class MixerTraits:
     head_names: tuple[str, str] = ("heads", "groups")
     #: Why state passing cannot run it (a part it has no affine state for), or ``None``.
     state_passing_obstacle: str | None = None
+    #: What the all-to-all and state passing move for it, when state passing can run it.
+    traffic: MixerTraffic | None = None
 
     def all_to_all_obstacle(self, size: int) -> str | None:
         """Why ``size`` ranks cannot run this mixer by the all-to-all, or ``None``."""
@@ -198,10 +201,12 @@ def mixer_traits(name: str, module: nn.Module) -> MixerTraits:
             else "mixes positions in its own code (no mixer function the all-to-all can run)"
         )
     conv = next((child for child in module.children() if _is_sequence_conv(child)), None)
+    state_passing_obstacle = _state_passing_obstacle(name, kind, called, unroutable)
     return MixerTraits(
         name=name,
         kind=kind,
-        state_passing_obstacle=_state_passing_obstacle(name, kind, called, unroutable),
+        state_passing_obstacle=state_passing_obstacle,
+        traffic=mixer_traffic(module, conv, kind) if state_passing_obstacle is None else None,
         parts=frozenset(ROUTES[function][1] for function in routed),  # type: ignore[misc]
         heads=_heads(module, called) if not unroutable else None,
         head_names=("value heads", "key heads") if "delta" in kind else ("heads", "groups"),

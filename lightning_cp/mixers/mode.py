@@ -8,7 +8,9 @@
 * ``"state_passing"``: each rank runs its own positions; the recurrences' states (and the convolutions'
   halos) are passed along the row (Note [state passing] in :mod:`lightning_cp.mixers.state_passing`).
   Bytes independent of the sequence length; gated delta nets, Mamba-2 and causal convolutions.
-* ``"auto"`` (default): per layer, the all-to-all where it can run the mixer, else gather.
+* ``"auto"`` (default): per layer, state passing where it can run the mixer and moves fewer bytes than the
+  all-to-all on long rows (or the all-to-all cannot run it), else the all-to-all where it can, else gather
+  (:func:`_auto`: the rule, printed in the start-up line).
 """
 
 from __future__ import annotations
@@ -79,9 +81,29 @@ def choose_mixer_mechanisms(traits: list[MixerTraits], cp_size: int, mixer_mode:
                     )
                 mechanisms[trait.name], reasons[trait.name] = "all_to_all", ""
             case _:
-                if obstacle is None:
-                    mechanisms[trait.name], reasons[trait.name] = "all_to_all", ""
-                else:
-                    mechanisms[trait.name] = "gather"
-                    reasons[trait.name] = "auto: the all-to-all cannot run it: " + obstacle.split(": ", 1)[-1]
+                mechanisms[trait.name], reasons[trait.name] = _auto(trait, cp_size, obstacle)
     return MixerPlan(mechanisms, {t.name: t.kind for t in traits}, reasons)
+
+
+#: The shortest shard ``"auto"`` plans for, in tokens per rank and row: CP is for rows too long for one device.
+AUTO_SHARD_TOKENS = 4096
+
+
+def _auto(trait: MixerTraits, cp_size: int, obstacle: str | None) -> tuple[str, str]:
+    """``"auto"``'s mechanism for one mixer, and why: the rule, in one place.
+
+    State passing where it runs the mixer and, on rows of ``AUTO_SHARD_TOKENS · cp`` tokens, sends fewer
+    bytes than the all-to-all (:mod:`lightning_cp.mixers.traffic`), or where the all-to-all cannot run it;
+    else the all-to-all where it can; else gather.
+    """
+    why_not_all_to_all = obstacle.split(": ", 1)[-1] if obstacle is not None else None
+    if trait.traffic is not None:
+        break_even = trait.traffic.break_even_tokens(cp_size)
+        if why_not_all_to_all is not None:
+            return "state_passing", f"auto: the all-to-all cannot run it: {why_not_all_to_all}"
+        if break_even <= AUTO_SHARD_TOKENS * cp_size:
+            return "state_passing", f"auto: fewer bytes than the all-to-all from {break_even} tokens per row"
+        return "all_to_all", f"auto: fewer bytes than state passing below {break_even} tokens per row"
+    if why_not_all_to_all is None:
+        return "all_to_all", ""
+    return "gather", f"auto: the all-to-all cannot run it: {why_not_all_to_all}"
