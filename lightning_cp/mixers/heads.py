@@ -15,7 +15,9 @@ Transformers (5.x) calls these functions by name from the modeling module of eac
 ``mamba2_scan_forward``, ``mamba_scan_forward``; each a kernel from the hub on CUDA or the torch fallback,
 chosen inside the call). :func:`route_mixer_functions`
 replaces each name there by a router that runs it through CP, so whichever kernel the model picked
-runs, on whole sequences. The fused Mamba-2 kernel (convolution, scan, norm and projection at once) is
+runs, on whole sequences (inside a mixer run by ``mixer_mode="state_passing"``, the router runs the
+function on the rank's own positions instead: Note [state passing] in :mod:`lightning_cp.mixers.state_passing`).
+The fused Mamba-2 kernel (convolution, scan, norm and projection at once) is
 told to step aside under CP (it returns ``None``, as its torch fallback does), so the model takes the
 path whose parts go through CP. Parameters read per head (``A_log``, ``D``, ``dt_bias``) or per channel
 (the convolution's weight) are narrowed to the rank's heads, so gradients reach the full parameters.

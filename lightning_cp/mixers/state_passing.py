@@ -108,7 +108,9 @@ def segments_of(exchange: MixerExchange, local_len: int) -> Segments:
 
 
 def _segments(exchange: MixerExchange, local_len: int) -> Segments:
-    per_rank = [_runs(_sources(exchange, local_len, rank)) for rank in range(exchange.size)]
+    """Read every rank's segments off the exchange's order (Note [mixer sequence order])."""
+    sources = [_sources(exchange, local_len, rank) for rank in range(exchange.size)]
+    per_rank = [(_segment_starts(source), source) for source in sources]
     count = max(max(int(flags.sum(-1).max()), 1) for flags, _ in per_rank)
     shape = (exchange.size, per_rank[0][0].size(0), count)
     starts, ends, end_places = (torch.zeros(shape, dtype=torch.long) for _ in range(3))
@@ -134,12 +136,12 @@ def _segments(exchange: MixerExchange, local_len: int) -> Segments:
     return Segments(count, longest, take, filled, back, kept, starts, ends, end_places)
 
 
-def _runs(source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flags of the places that start a segment (a position not following the one before it), and ``source``."""
+def _segment_starts(source: torch.Tensor) -> torch.Tensor:
+    """Flags of the places that start a segment: a position that does not follow the one before it."""
     valid = source >= 0
     follows = torch.zeros_like(valid)
     follows[:, 1:] = valid[:, :-1] & (source[:, 1:] == source[:, :-1] + 1)
-    return valid & ~follows, source
+    return valid & ~follows
 
 
 def _rows(index: torch.Tensor) -> torch.Tensor:
@@ -162,7 +164,7 @@ def from_segments(tensor: torch.Tensor, segments: Segments, seq_dim: int = 1) ->
     local = take_positions(laid, _rows(segments.back), seq_dim)
     shape = [1] * local.ndim
     shape[0], shape[seq_dim] = segments.kept.size(0), segments.kept.size(1)
-    return local * segments.kept.reshape(shape).to(local.dtype)
+    return local * segments.kept.reshape(shape).to(device=local.device, dtype=local.dtype)
 
 
 def _filled(segments: Segments, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
