@@ -1,9 +1,11 @@
 """Sequence mixers under CP: bytes each rank moves per mixer layer, and a GDN hybrid's memory and step time.
 
-Both mechanisms of ``mixer_mode`` run side by side in the same processes, on the same weights and batches:
-``all_to_all`` (sequence shards traded for heads / channels, the model's own convolution and scan run on
-whole sequences: Note [mixer all-to-all] in ``lightning_cp/mixers/heads.py``) and ``gather`` (the mixer's
-input all-gathered, the whole module run on the whole sequence on every rank).
+The three mechanisms of ``mixer_mode`` run side by side in the same processes, on the same weights and
+batches: ``all_to_all`` (sequence shards traded for heads / channels, the model's own convolution and scan
+run on whole sequences: Note [mixer all-to-all] in ``lightning_cp/mixers/heads.py``), ``gather`` (the
+mixer's input all-gathered, the whole module run on the whole sequence on every rank) and ``state_passing``
+(each rank runs its own positions; every segment's state pair and convolution window is all-gathered and
+the segments are scanned in the row's order: Note [state passing] in ``lightning_cp/mixers/state_passing.py``).
 
 Bytes. Two models made of mixer layers only (no softmax attention, dense MLPs): a gated delta net (GDN,
 Qwen3-Next / Qwen3.5 proportions scaled down: hidden 256, 4 key and 8 value heads of 32, convolution
@@ -29,6 +31,14 @@ the trade). The backward trades the gradients of the same tensors the other way:
     gather:  forward 4 · B · S/cp · d · (cp−1)      all-gather of the mixer's input [B, S/cp, d]
                    + 8 · B · S/cp · (cp−1)          Mamba-2: and of the position_ids (int64) it is handed
              backward 4 · B · S · d · 2·(cp−1)/cp   all-reduce of the gradient of the whole input
+
+    state_passing:  forward 4 · segments · (pair + C·(k−1)) · (cp−1)     all-gather of the pairs and windows
+                    backward twice that                                   all-reduce of their gradients
+    GDN:      pair = Hv·dk·(dk + dv)      (the transition A, dk×dk, and the state B, dk×dv, per value head)
+    Mamba-2:  pair = H·(1 + P·N)          (a decay and a P×N state per head)
+
+per row, with two segments per rank (head/tail), C the convolution's channels and k its kernel: flat in S
+(``lightning_cp/mixers/traffic.py``, which ``mixer_mode="auto"`` decides by).
 
 (transformers' Mamba-2 block passes the batch's keyword arguments, ``position_ids`` among them, on to its
 mixer, which ignores them; gather gathers every per-token argument with the input, as a whole module may
@@ -87,13 +97,14 @@ from common import (  # noqa: E402
 
 from lightning_cp.launch import run_on_local_ranks  # noqa: E402
 from lightning_cp.mesh import ParallelLayout, build_device_mesh  # noqa: E402
-from lightning_cp.mixers.detect import find_sequence_mixers  # noqa: E402
+from lightning_cp.mixers.detect import find_sequence_mixers, mixer_traits  # noqa: E402
+from lightning_cp.mixers.traffic import MixerTraffic  # noqa: E402
 from lightning_cp.session import ContextParallelSession  # noqa: E402
 from lightning_cp.sharding.batch import padded_length  # noqa: E402
 from lightning_cp.sharding.sequence import ring_pad_multiple  # noqa: E402
 
 FP32_BYTES, INT64_BYTES = 4, 8
-MIXER_MODES = ("all_to_all", "gather")
+MIXER_MODES = ("all_to_all", "gather", "state_passing")
 #: Sizes of a full run and of ``--quick``; a size given on the command line wins over both.
 FULL = {"seq_lens": [2048, 4096, 8192, 16384, 32768], "memory_seq_len": 8192, "warmup": 1, "steps": 3}
 QUICK = {"seq_lens": [256, 512], "memory_seq_len": 512, "warmup": 1, "steps": 2}
@@ -208,6 +219,20 @@ def gather_theory(cp: int, tokens: int, position_ids: bool) -> tuple[float, floa
     return (local + ids) * (cp - 1), 2 * whole * (cp - 1) / cp
 
 
+def state_passing_theory(traffic: MixerTraffic, cp: int, rows: int) -> tuple[float, float]:
+    """Bytes state passing sends per layer and rank: (forward all-gathers, backward all-reduces)."""
+    total = traffic.state_passing_bytes(cp) * rows
+    return total / 3, 2 * total / 3
+
+
+def traffic_of(model: torch.nn.Module) -> MixerTraffic:
+    """The :class:`MixerTraffic` of the first sequence mixer of ``model``."""
+    name, module = next(iter(find_sequence_mixers(model).items()))
+    traffic = mixer_traits(name, module).traffic
+    assert traffic is not None
+    return traffic
+
+
 class CollectiveCounter:
     """Counts the bytes this rank sends (conventions in the module docstring) and the calls, by phase and op."""
 
@@ -307,6 +332,7 @@ def count_bytes(
                     "bytes": dict(counter.bytes),
                     "calls": dict(counter.calls),
                     "padded_len": padded_length(seq_len, cp, multiple),
+                    "traffic": traffic_of(model),
                 }
     return counts, describe
 
@@ -342,7 +368,7 @@ def hybrid_steps(
     data_context: Any,
     counter: CollectiveCounter,
 ) -> dict[str, Any]:
-    """The GDN hybrid: plain (rank 0), all_to_all and gather in turn; per mode this rank's memory, times, losses."""
+    """The GDN hybrid: plain (rank 0), then every mode in turn; per mode this rank's memory, times, losses."""
     layer_types = ["linear_attention"] * 3 + ["full_attention"]
     steps: dict[str, Callable[[dict], float]] = {"plain": partial(plain_step, qwen3_next(device, layer_types))}
     describe = {}
@@ -406,6 +432,8 @@ def byte_rows(args: argparse.Namespace, cp: int, results: dict) -> list[list[obj
                 tokens = args.batch_size * result["padded_len"]
                 if mode == "all_to_all":
                     theory_fwd = theory_bwd = all_to_all_theory(family.width(cp), cp, tokens)
+                elif mode == "state_passing":
+                    theory_fwd, theory_bwd = state_passing_theory(result["traffic"], cp, args.batch_size)
                 else:
                     theory_fwd, theory_bwd = gather_theory(cp, tokens, family.takes_position_ids)
                 fwd, bwd = (_per_layer(result["bytes"], phase, args.layers) for phase in ("forward", "backward"))
@@ -471,7 +499,7 @@ def draw_plot(args: argparse.Namespace, bytes_table: list[list[object]], hybrid_
             series[family, cp, mode].append((seq_len, float(fwd) + float(bwd), float(theory)))
         for (family, cp, mode), points in series.items():
             xs, measured, theory = zip(*points, strict=True)
-            marker = "o" if mode == "all_to_all" else "s"
+            marker = {"all_to_all": "o", "gather": "s", "state_passing": "^"}[mode]
             (line,) = left.plot(xs, measured, marker, label=f"{family}, cp={cp}, {mode}")
             left.plot(xs, theory, "-", color=line.get_color(), linewidth=0.8)
         left.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="MiB sent per rank per layer")
@@ -522,7 +550,8 @@ def main() -> None:
         f"Bytes each rank sends per mixer layer, forward / backward (fp32, batch {args.batch_size}, hidden {HIDDEN};"
         " all_to_all theory 4·B·S/cp·(cp−1)/cp·W per pass, W: GDN "
         + ", ".join(f"{gdn_width(cp)} / Mamba-2 {mamba2_width(cp)} at cp={cp}" for cp in args.cp)
-        + "; gather theory 4·B·S·d·(cp−1)/cp·(1 + 2), Mamba-2 + 8·B·S·(cp−1)/cp of position ids)",
+        + "; gather theory 4·B·S·d·(cp−1)/cp·(1 + 2), Mamba-2 + 8·B·S·(cp−1)/cp of position ids;"
+        " state_passing theory 3·4·B·2·(pair + C·(k−1))·(cp−1))",
         [
             "mixer",
             "cp",

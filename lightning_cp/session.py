@@ -101,8 +101,8 @@ class ContextParallelSession:
         cp_mode: the CP mechanism, ``"auto"``, ``"ring"``, ``"ulysses"`` or ``"hybrid"``
             (see :mod:`lightning_cp.cp_mode`); ``"auto"`` decides per model in :meth:`prepare_model`.
         ulysses_size: the Ulysses group size of ``cp_mode="hybrid"``.
-        mixer_mode: the mechanism of sequence mixers that are not attention, ``"auto"``, ``"all_to_all"`` or
-            ``"gather"`` (see :mod:`lightning_cp.mixers.mode`); ``"auto"`` decides per layer.
+        mixer_mode: the mechanism of sequence mixers that are not attention, ``"auto"``, ``"all_to_all"``,
+            ``"gather"`` or ``"state_passing"`` (see :mod:`lightning_cp.mixers.mode`); ``"auto"`` decides per layer.
     """
 
     def __init__(

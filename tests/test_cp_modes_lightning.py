@@ -108,19 +108,29 @@ def test_trainer_ring_on_attention_the_ring_cannot_run_is_refused_on_every_rank(
     assert f"lightning_cp: rank 1: same error as rank 0 ({refusal}" in log, log[-6000:]
 
 
-@pytest.mark.parametrize("layout", ["replicate", "fsdp"])
-def test_trainer_trains_a_gated_delta_net_hybrid_like_one_process(tmp_path, layout, assert_same_training):
+@pytest.mark.parametrize(
+    ("layout", "mixer_mode", "mechanism"),
+    [
+        ("replicate", "auto", "state_passing"),
+        ("fsdp", "auto", "state_passing"),
+        ("replicate", "all_to_all", "all_to_all"),
+    ],
+)
+def test_trainer_trains_a_gated_delta_net_hybrid_like_one_process(
+    tmp_path, layout, mixer_mode, mechanism, assert_same_training
+):
     """Qwen3-Next (a gated delta net layer, then attention) at cp=2 through the Trainer, replicated or sharded by
-    FSDP2: the start-up line names the mixer's mechanism, and 5 SGD steps give the weights of one process (every
-    parameter compared)."""
-    run = _train(tmp_path, "--model", "qwen3_next", "--layout", layout)
-    assert "sequence mixers over 2 ranks: 1 gated delta net by all_to_all" in run["log"]
+    FSDP2, by state passing (what "auto" picks) or the all-to-all: the start-up line names the mixer's mechanism,
+    and 5 SGD steps give the weights of one process (every parameter compared)."""
+    run = _train(tmp_path, "--model", "qwen3_next", "--layout", layout, "--mixer-mode", mixer_mode)
+    assert f"sequence mixers over 2 ranks: 1 gated delta net by {mechanism}" in run["log"]
     assert_same_training(run, reference_sgd_run(steps=5, accumulate=1, lr=LR, model_name="qwen3_next"), "qwen3_next")
 
 
 def test_fabric_trains_a_mamba2_hybrid_like_one_process(tmp_path, assert_same_training):
-    """Bamba (a Mamba-2 layer of one group, then attention) at cp=2 in a Fabric loop, packed documents: exact."""
+    """Bamba (a Mamba-2 layer of one group, then attention) at cp=2 in a Fabric loop, packed documents, by state
+    passing (what "auto" picks): exact."""
     run = _fabric_train(tmp_path, "--model", "bamba", "--packed")
-    assert "sequence mixers over 2 ranks: 1 Mamba-2 scan by all_to_all" in run["log"]
+    assert "sequence mixers over 2 ranks: 1 Mamba-2 scan by state_passing (auto: " in run["log"]
     reference = reference_sgd_run(steps=5, accumulate=1, lr=LR, shuffled=False, model_name="bamba", packed=True)
     assert_same_training(run, reference, "bamba")

@@ -202,7 +202,7 @@ def test_a_hybrid_model_reports_its_mixers_and_is_exact():
     assert report.exact, report.render()
     assert report.mixers == ["model.layers.0.linear_attn"]
     assert report.mixer_calls == report.mixer_calls_through_cp == 1
-    assert "sequence mixers over 2 ranks: 1 gated delta net by all_to_all" in report.render()
+    assert "sequence mixers over 2 ranks: 1 gated delta net by state_passing (auto: " in report.render()
 
 
 def test_a_hand_written_mixer_is_named_as_the_cause():

@@ -118,10 +118,26 @@ def _cases(rank: int, world_size: int, cases: list[tuple]) -> dict:
     return results
 
 
-#: (family, mixer_mode, seq_len, packed, bypass) at cp=2: every family by "auto", the all-to-all families also
-#: by "gather", packed rows, a sequence that is padded, and the negative controls.
+#: Families whose every mixer state passing runs, and "auto" picks it for (tests/test_state_passing.py).
+STATE_PASSING = {
+    "qwen3_next",
+    "qwen3_5",
+    "olmo_hybrid",
+    "nemotron_h",
+    "bamba",
+    "granitemoehybrid",
+    "falcon_h1",
+    "mamba2",
+    "lfm2",
+}
+
+#: (family, mixer_mode, seq_len, packed, bypass) at cp=2: every family by "auto", the state-passing families also
+#: by "all_to_all", the all-to-all families also by "gather", packed rows, a sequence that is padded, and the
+#: negative controls.
 CP2_CASES = [
     *[(family, "auto", 64, False, "none") for family in MIXER_NAMES],
+    *[(family, "all_to_all", 64, False, "none") for family in MIXER_NAMES if family in STATE_PASSING],
+    *[(family, "all_to_all", 64, True, "none") for family in ("qwen3_5", "bamba", "lfm2")],
     *[
         (family, "gather", 64, False, "none")
         for family in ("qwen3_next", "nemotron_h", "lfm2", "jamba", "recurrent_gemma")
@@ -160,8 +176,16 @@ def cp2_results() -> dict:
     return run_on_ranks(_cases, CP2_CASES, world_size=2, timeout=600)
 
 
+def _expected_mechanism(family: str, mixer_mode: str) -> str:
+    if mixer_mode != "auto":
+        return mixer_mode
+    return "state_passing" if family in STATE_PASSING else "all_to_all" if family in ALL_TO_ALL else "gather"
+
+
 @pytest.mark.parametrize(
-    "case", [c for c in CP2_CASES if c[-1] in ("none", "cache", "embeds") and c[1] != "all_to_all"], ids=str
+    "case",
+    [c for c in CP2_CASES if c[-1] in ("none", "cache", "embeds") and (c[0], c[1]) != ("minimax", "all_to_all")],
+    ids=str,
 )
 def test_mixer_parity_cp2(cp2_results: list[dict], case: tuple) -> None:
     for rank_results in cp2_results:
@@ -171,8 +195,7 @@ def test_mixer_parity_cp2(cp2_results: list[dict], case: tuple) -> None:
         assert result["grad"] <= RTOL_GRAD, f"{result['worst']}: {result['grad']:.1e}"
         assert not result["missing"]
     family, mode = case[0], case[1]
-    expected = "all_to_all" if mode == "auto" and family in ALL_TO_ALL else "gather"
-    assert f"by {expected}" in cp2_results[0][case]["line"]
+    assert f"by {_expected_mechanism(family, mode)}" in cp2_results[0][case]["line"]
     if family == "mamba2":  # no attention at all: the line says so instead of naming an attention mechanism
         assert cp2_results[0][case]["line"].startswith("no attention modules; sequence mixers over 2 ranks")
 
@@ -223,17 +246,49 @@ def test_models_without_mixers_have_none() -> None:
     assert find_sequence_mixers(tiny_causal_lm("llama")) == {}
 
 
-def test_heads_that_do_not_split_are_gathered_by_auto_and_refused_by_all_to_all() -> None:
+def test_heads_that_do_not_split_are_state_passed_by_auto_and_refused_by_all_to_all() -> None:
     model = build_mixer_model("qwen3_next", linear_num_value_heads=6, linear_num_key_heads=3)
     traits = [mixer_traits(name, module) for name, module in find_sequence_mixers(model).items()]
     plan = choose_mixer_mechanisms(traits, cp_size=4, mixer_mode="auto")
-    assert set(plan.mechanisms.values()) == {"gather"}
-    assert "6 value heads do not split over 4 ranks" in plan.describe(4)
+    assert set(plan.mechanisms.values()) == {"state_passing"}
+    assert "by state_passing (auto: the all-to-all cannot run it: 6 value heads do not split over 4 ranks" in (
+        plan.describe(4)
+    )
+    kimi = build_mixer_model("kimi_linear", linear_num_heads=6)  # state passing cannot run it: gathered
+    kimi_traits = [mixer_traits(name, module) for name, module in find_sequence_mixers(kimi).items()]
+    assert set(choose_mixer_mechanisms(kimi_traits, cp_size=4).mechanisms.values()) == {"gather"}
     with pytest.raises(ContextParallelInputError, match=r"sizes that split them: \[1, 3, 6\]"):
         choose_mixer_mechanisms(traits, cp_size=4, mixer_mode="all_to_all")
     assert set(choose_mixer_mechanisms(traits, cp_size=3, mixer_mode="all_to_all").mechanisms.values()) == {
         "all_to_all"
     }
+
+
+def test_auto_picks_by_the_bytes_each_mechanism_moves() -> None:
+    """State passing from the row length where it sends fewer bytes than the all-to-all (within the rows auto plans
+    for: AUTO_SHARD_TOKENS per rank); a state too large for that leaves the all-to-all."""
+    from dataclasses import replace
+
+    from lightning_cp.mixers.mode import AUTO_SHARD_TOKENS
+    from lightning_cp.mixers.traffic import MixerTraffic
+
+    ((name, module),) = find_sequence_mixers(build_mixer_model("qwen3_next")).items()
+    trait = mixer_traits(name, module)
+    # 8 value heads of 16 / 4 key heads of 16, conv 256 x 3: W = 2*256 + 8*34 + 32*4 = 912 numbers per token
+    assert trait.traffic.all_to_all_width(2) == 912
+    break_even = trait.traffic.break_even_tokens(2)  # 3 * 2 * (8*16*32 + 256*3) / (2 * 912 / 4) = 64
+    assert trait.traffic.state_passing_bytes(2) <= trait.traffic.all_to_all_bytes(2, break_even)
+    assert trait.traffic.state_passing_bytes(2) > trait.traffic.all_to_all_bytes(2, break_even - 1)
+    plan = choose_mixer_mechanisms([trait], cp_size=2)
+    assert plan.describe(2) == (
+        f"sequence mixers over 2 ranks: 1 gated delta net by state_passing (auto: fewer bytes than the all-to-all"
+        f" from {break_even} tokens per row)"
+    )
+    huge = replace(trait, traffic=MixerTraffic(0, 0, 1, 0, 1, pair=AUTO_SHARD_TOKENS * 10))
+    plan = choose_mixer_mechanisms([huge], cp_size=2)
+    assert plan.mechanisms == {huge.name: "all_to_all"}
+    # 3 * 2 * 40960 numbers against 2 * (1/2) * (1/2) numbers per token
+    assert "(auto: fewer bytes than state passing below 491520 tokens per row)" in plan.describe(2)
 
 
 def test_unknown_mixer_mode_is_refused() -> None:

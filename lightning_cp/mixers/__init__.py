@@ -8,6 +8,8 @@ they are either run exactly or refused:
 - :mod:`~lightning_cp.mixers.mode`: the ``mixer_mode`` option and the per-layer choice;
 - :mod:`~lightning_cp.mixers.heads`: the all-to-all of heads and channels (Note [mixer all-to-all]);
 - :mod:`~lightning_cp.mixers.whole_sequence`: ``"gather"``, the whole module on the whole sequence;
+- :mod:`~lightning_cp.mixers.state_passing`: ``"state_passing"``, each rank's own positions, the recurrences'
+  states passed along the row (Note [state passing]);
 - :mod:`~lightning_cp.mixers.exchange`: how the CP group's shards make up the original row;
 - :mod:`~lightning_cp.mixers.switch` and :mod:`~lightning_cp.mixers.hooks`: on/off, and the ledger that
   stops a mixer whose parts did not all go through CP.

@@ -21,6 +21,8 @@ from torch import nn
 
 from lightning_cp.attention.ulysses import ulysses_head_error, ulysses_sizes_that_work
 from lightning_cp.mixers.heads import MODULE_ROUTED_MIXERS, MODULE_ROUTES, ROUTES, UNROUTED, depthwise_conv_error
+from lightning_cp.mixers.state_passing import STATE_PASSING_ROUTES
+from lightning_cp.mixers.traffic import MixerTraffic, mixer_traffic
 
 _STATE_SPACE_PARAMETERS = ("A_log", "dt_bias")
 _MIXER_CLASS_HINTS = (
@@ -100,6 +102,10 @@ class MixerTraits:
     unroutable: str | None
     #: What the two head counts are called, for messages.
     head_names: tuple[str, str] = ("heads", "groups")
+    #: Why state passing cannot run it (a part it has no affine state for), or ``None``.
+    state_passing_obstacle: str | None = None
+    #: What the all-to-all and state passing move for it, when state passing can run it.
+    traffic: MixerTraffic | None = None
 
     def all_to_all_obstacle(self, size: int) -> str | None:
         """Why ``size`` ranks cannot run this mixer by the all-to-all, or ``None``."""
@@ -159,12 +165,24 @@ def _module_routed_traits(name: str, module: nn.Module) -> MixerTraits:
     return MixerTraits(
         name=name,
         kind=_kind(module, ()),
+        state_passing_obstacle=f"`{name}` ({_kind(module, ())}): state passing runs no module-routed mixers (yet)",
         parts=frozenset(parts),
         heads=(blocks, blocks) if blocks is not None else None,
         conv=conv,
         unroutable=None if causal else "has a convolution that is not causal",
         head_names=("head blocks", "head blocks"),
     )
+
+
+def _state_passing_obstacle(name: str, kind: str, called: tuple[str, ...], unroutable: str | None) -> str | None:
+    """Why state passing cannot run a mixer calling ``called`` (Note [state passing]), or ``None``."""
+    if unroutable is not None:
+        return f"`{name}` ({kind}) {unroutable}"
+    scans = [function for function in called if ROUTES[function][1] is not None]
+    missing = [function for function in scans if function not in STATE_PASSING_ROUTES]
+    if missing:
+        return f"`{name}` ({kind}) calls `{missing[0]}`, for which state passing has no affine state (yet)"
+    return None
 
 
 def mixer_traits(name: str, module: nn.Module) -> MixerTraits:
@@ -183,9 +201,12 @@ def mixer_traits(name: str, module: nn.Module) -> MixerTraits:
             else "mixes positions in its own code (no mixer function the all-to-all can run)"
         )
     conv = next((child for child in module.children() if _is_sequence_conv(child)), None)
+    state_passing_obstacle = _state_passing_obstacle(name, kind, called, unroutable)
     return MixerTraits(
         name=name,
         kind=kind,
+        state_passing_obstacle=state_passing_obstacle,
+        traffic=mixer_traffic(module, conv, kind) if state_passing_obstacle is None else None,
         parts=frozenset(ROUTES[function][1] for function in routed),  # type: ignore[misc]
         heads=_heads(module, called) if not unroutable else None,
         head_names=("value heads", "key heads") if "delta" in kind else ("heads", "groups"),

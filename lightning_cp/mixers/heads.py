@@ -15,7 +15,9 @@ Transformers (5.x) calls these functions by name from the modeling module of eac
 ``mamba2_scan_forward``, ``mamba_scan_forward``; each a kernel from the hub on CUDA or the torch fallback,
 chosen inside the call). :func:`route_mixer_functions`
 replaces each name there by a router that runs it through CP, so whichever kernel the model picked
-runs, on whole sequences. The fused Mamba-2 kernel (convolution, scan, norm and projection at once) is
+runs, on whole sequences (inside a mixer run by ``mixer_mode="state_passing"``, the router runs the
+function on the rank's own positions instead: Note [state passing] in :mod:`lightning_cp.mixers.state_passing`).
+The fused Mamba-2 kernel (convolution, scan, norm and projection at once) is
 told to step aside under CP (it returns ``None``, as its torch fallback does), so the model takes the
 path whose parts go through CP. Parameters read per head (``A_log``, ``D``, ``dt_bias``) or per channel
 (the convolution's weight) are narrowed to the rank's heads, so gradients reach the full parameters.
@@ -41,6 +43,7 @@ from lightning_cp.attention.switch import active_context_parallel
 from lightning_cp.attention.ulysses import heads_to_sequence, sequence_to_heads, ulysses_head_error
 from lightning_cp.mixers import switch
 from lightning_cp.mixers.exchange import MixerExchange, ordered_from_rank_order, rank_order_from_ordered, to_whole_row
+from lightning_cp.mixers.state_passing import STATE_PASSING_ROUTES
 from lightning_cp.validation import ContextParallelInputError
 
 #: Set on the routers that replace a modeling module's mixer functions.
@@ -335,6 +338,17 @@ ROUTES: dict[str, tuple[Callable[..., Any], str | None]] = {
     },
 }
 
+#: What runs each mixer function under each mechanism that routes functions: the all-to-all's :data:`ROUTES`;
+#: state passing (:mod:`lightning_cp.mixers.state_passing`) its own functions, and the same refusals and fused
+#: kernels stepping aside.
+MECHANISM_ROUTES: dict[str, dict[str, Callable[..., Any]]] = {
+    "all_to_all": {name: handler for name, (handler, _) in ROUTES.items()},
+    "state_passing": {
+        **{name: handler for name, (handler, part) in ROUTES.items() if part is None},
+        **STATE_PASSING_ROUTES,
+    },
+}
+
 #: Sequence-mixing functions transformers' mixers call that the all-to-all does not run (yet): a mixer
 #: calling one of them runs by ``"gather"``.
 UNROUTED = ("mamba_selective_scan",)
@@ -351,8 +365,6 @@ def depthwise_conv_error(conv: Any, size: int) -> str | None:
 
 
 def _router(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
-    handler, _ = ROUTES[name]
-
     def routed(*args: Any, **kwargs: Any) -> Any:
         if switch.active_mixer_exchange() is None and active_context_parallel() is None:
             return original(*args, **kwargs)  # no CP
@@ -363,6 +375,13 @@ def _router(name: str, original: Callable[..., Any]) -> Callable[..., Any]:
                 f"`{name}` ran under context parallelism outside any sequence mixer lightning_cp prepared, so it"
                 " would mix only this rank's shard. Attach the hooks to the whole model (the strategies do it;"
                 " with the functional API call `attach_context_parallel_hooks(model)`)."
+            )
+        mechanism = switch.innermost_mechanism()
+        handler = MECHANISM_ROUTES[mechanism].get(name)
+        if handler is None:
+            raise ContextParallelInputError(
+                f"`{name}` ran in a sequence mixer run by mixer_mode {mechanism!r}, which does not run it. Use"
+                " mixer_mode='all_to_all' or 'gather' for this model."
             )
         with switch.running_whole():
             return handler(original, *args, **kwargs)

@@ -14,6 +14,7 @@ from models import tiny_causal_lm  # noqa: F401 (re-exported to the scripts and 
 from torch.utils.data import DistributedSampler
 
 from lightning_cp.cp_mode import CP_MODES
+from lightning_cp.mixers.mode import MIXER_MODES
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 
@@ -100,11 +101,13 @@ def replica_sync_options(parser: argparse.ArgumentParser) -> None:
 
 
 def model_options(parser: argparse.ArgumentParser) -> None:
-    """Options choosing the model, the data and the CP mechanism (``cp_mode``, see :mod:`lightning_cp.cp_mode`)."""
+    """Options choosing the model, the data and the CP mechanisms (``cp_mode``, see :mod:`lightning_cp.cp_mode`;
+    ``mixer_mode``, :mod:`lightning_cp.mixers.mode`)."""
     parser.add_argument("--model", choices=ZOO_NAMES, default="llama", help="a tiny model of tests/model_zoo.py")
     parser.add_argument("--packed", action="store_true", help="rows packed from documents (position_ids restart)")
     parser.add_argument("--cp-mode", choices=CP_MODES, default="auto")
     parser.add_argument("--ulysses-size", type=int, default=None, help="the Ulysses group of --cp-mode hybrid")
+    parser.add_argument("--mixer-mode", choices=MIXER_MODES, default="auto", help="sequence mixers' mechanism")
     parser.add_argument("--init-std", type=float, help="the config's initializer_range (default: the model's)")
 
 

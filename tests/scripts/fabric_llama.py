@@ -73,6 +73,7 @@ def main() -> None:
         parallelize_fn=parallelize,
         cp_size=2,
         cp_mode=args.cp_mode,
+        mixer_mode=args.mixer_mode,
         ulysses_size=args.ulysses_size,
         tensor_parallel_size=args.tp,
         chunked_loss=args.chunked_loss or False,

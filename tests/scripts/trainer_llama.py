@@ -196,6 +196,7 @@ def main() -> None:
         strategy=ContextParallelStrategy(
             cp_size=args.cp,
             cp_mode=args.cp_mode,
+            mixer_mode=args.mixer_mode,
             ulysses_size=args.ulysses_size,
             data_parallel_size=args.dp,
             tensor_parallel_size=args.tp,
