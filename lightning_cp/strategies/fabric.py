@@ -129,8 +129,8 @@ class ContextParallelStrategy(ContextParallelMixin, FabricModelParallelStrategy)
             ``"ring"``, ``"ulysses"`` (all-to-all of heads: any attention variant) or ``"hybrid"``.
         ulysses_size: ranks of each Ulysses group under ``cp_mode="hybrid"`` (the ring runs across groups).
         mixer_mode: the CP mechanism of sequence mixers that are not attention (gated delta nets, Mamba
-            scans, short convolutions, recurrences): ``"auto"`` (default: per layer), ``"all_to_all"`` or
-            ``"gather"`` (see :mod:`lightning_cp.mixers.mode`).
+            scans, short convolutions, recurrences): ``"auto"`` (default: per layer), ``"all_to_all"``,
+            ``"state_passing"`` or ``"gather"`` (see :mod:`lightning_cp.mixers.mode`).
         heartbeat_timeout: a rank whose heartbeat is silent this long (stopped, frozen) is named and the job
             ended (default 2 min; ``None``: never). Ctrl-C and SIGTERM end every rank within seconds either way.
         save_distributed_checkpoint, process_group_backend: as in Fabric's ``ModelParallelStrategy``.
