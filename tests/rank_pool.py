@@ -11,6 +11,9 @@ starts fresh processes with ``run_on_local_ranks`` instead (the doctor's tests m
 A case that fails on some ranks while the others wait in a collective, a case past its timeout, or a rank
 that died leaves the group unusable: it is killed, the case is reported by name with each rank's
 traceback, and the next case gets a fresh group.
+
+The Trainer and Fabric scripts of ``tests/scripts`` run here too (:func:`run_script_in_pool`): Lightning, finding
+``LOCAL_RANK`` set and the process group initialized, takes the ranks as a launcher of one's own started them.
 """
 
 from __future__ import annotations
@@ -19,11 +22,17 @@ import atexit
 import gc
 import os
 import queue
+import runpy
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -150,6 +159,85 @@ def run_in_pool(fn: Callable[..., Any], *args: Any, world_size: int = 2, timeout
     finally:
         if not group.alive():
             _groups.pop(world_size, None)
+
+
+class ScriptFailed(Exception):
+    """A script run on a rank of the live group ended with a non-zero code; the message holds what it printed."""
+
+
+def run_script_in_pool(script: Path, args: list[str], world_size: int, timeout: float) -> subprocess.CompletedProcess:
+    """Run ``script``'s ``main()`` with ``args`` on every rank of the live group of ``world_size`` ranks.
+
+    Returns what ``python script *args`` under a launcher returns: the exit code (0, or 1 when any rank failed)
+    and the ranks' output, rank after rank. A failed run leaves the group behind (its ranks may disagree on how
+    many collectives ran), so the next case gets a fresh one.
+    """
+    command = [sys.executable, str(script), *args]
+    try:
+        outputs = run_in_pool(_run_script, str(script), args, world_size=world_size, timeout=timeout)
+    except RuntimeError as failure:
+        discard_group(world_size)
+        return subprocess.CompletedProcess(command, 1, stdout=str(failure), stderr="")
+    return subprocess.CompletedProcess(command, 0, stdout="".join(outputs), stderr="")
+
+
+def _run_script(rank: int, world_size: int, script: str, args: list[str]) -> str:
+    """A rank's part of :func:`run_script_in_pool`: the script's ``main()`` as rank ``rank``, its output captured."""
+    launcher_env = {"LOCAL_RANK": rank, "RANK": rank, "WORLD_SIZE": world_size, "LOCAL_WORLD_SIZE": world_size}
+    saved_env, saved_argv = dict(os.environ), sys.argv
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    os.environ.update({name: str(value) for name, value in launcher_env.items()}, NODE_RANK="0")
+    sys.argv = [script, *args]
+    failure = None
+    # a fresh process shows each warning once: so does each run (the filters' version moves on entering)
+    with _captured_output() as output, warnings.catch_warnings():
+        try:
+            runpy.run_path(script, run_name="__pool_case__")["main"]()
+        except BaseException:  # noqa: BLE001 - a script's failure, reported with what it printed
+            traceback.print_exc()
+            failure = True
+        finally:
+            os.environ.clear()
+            os.environ.update(saved_env)
+            sys.argv = saved_argv
+            torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+    if failure:
+        raise ScriptFailed(output.text)
+    return output.text
+
+
+class _Output:
+    text = ""
+
+
+@contextmanager
+def _captured_output() -> Iterator[_Output]:
+    """Everything written to file descriptors 1 and 2 inside the block (Python, C++ and subprocesses alike)."""
+    output = _Output()
+    with tempfile.TemporaryFile() as sink:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield output
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            sink.seek(0)
+            output.text = sink.read().decode(errors="replace")
+
+
+def discard_group(world_size: int) -> None:
+    """Kill the live group of ``world_size`` ranks, if any: the next case starts a fresh one."""
+    group = _groups.pop(world_size, None)
+    if group is not None:
+        group.close(kill=True)
 
 
 @atexit.register

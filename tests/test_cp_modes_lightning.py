@@ -94,7 +94,8 @@ def test_trainer_ring_trains_eager_softcapped_windowed_attention_like_one_proces
 def test_trainer_ring_on_attention_the_ring_cannot_run_is_refused_on_every_rank(tmp_path):
     """Mistral's 16-token window on packed documents with ``cp_mode="ring"``: refused at the first step on every
     rank (the document-masked ring is plain causal per document), naming the mode that runs it."""
-    log = _failing_run(tmp_path, "--model", "mistral", "--packed", "--cp-mode", "ring", "--timeout", "60")
+    args = ("--model", "mistral", "--packed", "--cp-mode", "ring", "--timeout", "60")
+    log = _failing_run(tmp_path, *args, fresh=True)  # the log of a user's launch
     refusal = "ContextParallelInputError: `MistralAttention` uses a sliding window of 16 tokens, shorter than the"
     for rank in (0, 1):  # each rank refuses, before any collective, and says which mode to use instead
         failed = rf"lightning_cp: rank {rank} \(data-parallel rank 0, context-parallel rank {rank}\) failed: "

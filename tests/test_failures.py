@@ -16,7 +16,9 @@ BOUND_S = 120  # the collective timeout is 60 s; peers notice a dead rank much s
 
 def _fail(tmp_path: Path, *args: str) -> tuple[str, int, float]:
     started = time.monotonic()
-    result = run_script("trainer_llama.py", "--out", str(tmp_path / "r.pt"), "--timeout", "60", *args, timeout=BOUND_S)
+    result = run_script(
+        "trainer_llama.py", "--out", str(tmp_path / "r.pt"), "--timeout", "60", *args, timeout=BOUND_S, fresh=True
+    )
     assert not (tmp_path / "r.pt").exists()
     return result.stdout + result.stderr, result.returncode, time.monotonic() - started
 

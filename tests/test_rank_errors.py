@@ -31,9 +31,9 @@ def _raised(error: BaseException) -> tuple:
 
 
 def _refused_run(tmp_path) -> str:
-    result = run_script(
-        "trainer_llama.py", "--out", str(tmp_path / "r.pt"), "--seq-len", "0", "--steps", "1", "--timeout", "60"
-    )
+    # what a user's launch prints: the whole log of a fresh launch
+    args = ("--out", str(tmp_path / "r.pt"), "--seq-len", "0", "--steps", "1", "--timeout", "60")
+    result = run_script("trainer_llama.py", *args, fresh=True)
     log = result.stdout + result.stderr
     assert result.returncode != 0, log
     return log

@@ -21,7 +21,9 @@ from lightning_cp.strategies.replicas import broadcast_replicated_state
 
 def _run(tmp_path: Path, script: str, *args: str) -> tuple[dict, dict]:
     out = tmp_path / "result.pt"
-    result = run_script(script, "--out", str(out), "--lr", "1.0", "--seed-per-rank", *args)
+    # the negative control replaces a method of the strategy for good: in processes of its own
+    fresh = "--skip-replica-sync" in args
+    result = run_script(script, "--out", str(out), "--lr", "1.0", "--seed-per-rank", *args, fresh=fresh)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return torch.load(out, weights_only=False), torch.load(f"{out}.rank1", weights_only=False)
 

@@ -16,9 +16,9 @@ from lightning_cp.callbacks import ContextParallelCallback
 LR = 1.0
 
 
-def _train(tmp_path: Path, *args: str) -> dict:
+def _train(tmp_path: Path, *args: str, fresh: bool = False) -> dict:
     out = tmp_path / "result.pt"
-    result = run_script("trainer_llama.py", "--out", str(out), "--lr", str(LR), *args)
+    result = run_script("trainer_llama.py", "--out", str(out), "--lr", str(LR), *args, fresh=fresh)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return torch.load(out, weights_only=False) | {"log": result.stdout + result.stderr}
 
@@ -46,8 +46,9 @@ def _check_training(run: dict, accumulate: int, cp_mode: str, assert_same_traini
 
 def test_one_launch_validates_predicts_and_trains_like_one_process(tmp_path, assert_same_training):
     """One Trainer launch (replicated, no accumulation, cp_mode="auto"): validation and prediction on the initial
-    weights, then training; each checked against one process."""
-    run = _train(tmp_path, "--validate", "--predict", "--fit")
+    weights, then training; each checked against one process. Launched as a user launches it: the other rank
+    started by Lightning's launcher (the other Trainer runs take the live ranks of tests/rank_pool.py)."""
+    run = _train(tmp_path, "--validate", "--predict", "--fit", fresh=True)
     _check_training(run, 1, "auto", assert_same_training)
     _check_validation_losses(run)
     _check_predictions(run)
@@ -154,8 +155,9 @@ def _check_predictions(run: dict) -> None:
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
 
 
-def _failing_run(tmp_path: Path, *args: str) -> str:
-    result = run_script("trainer_llama.py", "--out", str(tmp_path / "never.pt"), "--steps", "2", *args, timeout=300)
+def _failing_run(tmp_path: Path, *args: str, fresh: bool = False) -> str:
+    out = str(tmp_path / "never.pt")
+    result = run_script("trainer_llama.py", "--out", out, "--steps", "2", *args, timeout=300, fresh=fresh)
     assert result.returncode != 0
     assert not (tmp_path / "never.pt").exists()
     return result.stdout + result.stderr
@@ -183,7 +185,7 @@ def test_model_without_attention_modules_is_refused(tmp_path):
 
 def test_cp_size_that_does_not_divide_the_world_is_refused(tmp_path):
     """Refused when the Trainer is built, before the launch: one traceback ending in the one-line cause (issue 26)."""
-    log = _failing_run(tmp_path, "--cp", "3")
+    log = _failing_run(tmp_path, "--cp", "3", fresh=True)  # what a user's launch prints
     assert (
         "ValueError: lightning_cp: cp_size=3 does not divide the world size (2 processes: devices=2 × num_nodes=1)"
         in log

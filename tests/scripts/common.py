@@ -160,18 +160,27 @@ def script_command(script: str, *args: str) -> tuple[list[str], dict[str, str]]:
     return [sys.executable, str(Path(__file__).with_name(script)), *args], env
 
 
-def run_script(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run one of the scripts beside this file with a free master port; return its completed process."""
+def run_script(script: str, *args: str, timeout: float = 600, fresh: bool = False) -> subprocess.CompletedProcess:
+    """Run one of the scripts beside this file on its ranks; return its exit code and what its ranks printed.
+
+    By default its ``main()`` runs on the live group of ranks of ``tests/rank_pool.py``, as Lightning runs under a
+    launcher of one's own (``LOCAL_RANK`` set: no process started): the seconds a launch spends starting
+    interpreters and importing torch, transformers and Lightning are paid once per suite. ``fresh`` runs it as a
+    user does, ``python script.py``, Lightning's launcher starting the other ranks: for the tests of what a
+    launch itself does (exit codes, signals, tracebacks, the process's global state).
+    """
+    if not fresh:
+        from rank_pool import run_script_in_pool
+
+        return run_script_in_pool(Path(__file__).with_name(script), list(args), _world_size(args), timeout)
     command, env = script_command(script, *args)
-    result = subprocess.run(
-        command,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=TESTS_DIR.parent,
-    )
-    return result
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=TESTS_DIR.parent)
+
+
+def _world_size(args: tuple[str, ...]) -> int:
+    """The ranks a script runs on: its ``--devices`` (Trainer scripts), else 2 × its ``--tp`` (Fabric), else 2."""
+    options = dict(zip(args, args[1:], strict=False))
+    return int(options.get("--devices", 2 * int(options.get("--tp", 1))))
 
 
 def reference_sgd_run(
