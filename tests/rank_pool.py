@@ -10,7 +10,8 @@ starts fresh processes with ``run_on_local_ranks`` instead (the doctor's tests m
 
 A case that fails on some ranks while the others wait in a collective, a case past its timeout, or a rank
 that died leaves the group unusable: it is killed, the case is reported by name with each rank's
-traceback, and the next case gets a fresh group.
+traceback, and the next case gets a fresh group. So does the case after one that left the ranks holding
+many process groups (``_MAX_PROCESS_GROUPS``).
 
 The Trainer and Fabric scripts of ``tests/scripts`` run here too (:func:`run_script_in_pool`): Lightning, finding
 ``LOCAL_RANK`` set and the process group initialized, takes the ranks as a launcher of one's own started them.
@@ -44,6 +45,10 @@ from lightning_cp.launch import free_port
 
 #: After one rank fails, how long the others get to finish (or fail) before the group counts as stuck.
 _GRACE_S = 10.0
+#: A group whose ranks hold more process groups than this is replaced after its case. Cases create groups
+#: (device meshes) that live as long as the process, and each keeps a gloo thread that wakes every 10 ms:
+#: hundreds of them would take a core from every later case.
+_MAX_PROCESS_GROUPS = 40
 
 
 def _serve(rank: int, world_size: int, port: int, threads: int, tasks: Any, results: Any) -> None:
@@ -55,11 +60,10 @@ def _serve(rank: int, world_size: int, port: int, threads: int, tasks: Any, resu
         fn, args = task
         try:
             # CUDA tensors would cross as CUDA IPC handles that die with the case: results travel on the CPU
-            results.put(
-                (rank, True, tree_map(lambda x: x.cpu() if torch.is_tensor(x) else x, fn(rank, world_size, *args)))
-            )
+            result = tree_map(lambda x: x.cpu() if torch.is_tensor(x) else x, fn(rank, world_size, *args))
+            results.put((rank, True, result, _rank_state()))
         except BaseException:  # noqa: BLE001 - reported to the test, which raises it
-            results.put((rank, False, traceback.format_exc()))
+            results.put((rank, False, traceback.format_exc(), _rank_state()))
         finally:
             gc.collect()
     dist.destroy_process_group()
@@ -67,6 +71,13 @@ def _serve(rank: int, world_size: int, port: int, threads: int, tasks: Any, resu
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _rank_state() -> tuple[int, int]:
+    """What decides whether a rank can take the next case: the process groups it holds, and how many
+    collectives it ran on the default group (the one group cases share)."""
+    default_group = dist.distributed_c10d._get_default_group()
+    return len(dist.distributed_c10d._world.pg_map), default_group._get_sequence_number_for_group()
 
 
 class RankGroup:
@@ -77,6 +88,11 @@ class RankGroup:
         self.world_size = world_size
         self._tasks = [context.SimpleQueue() for _ in range(world_size)]
         self._results = context.Queue()
+        #: The most process groups a rank of this group held after a case.
+        self.process_groups = 1
+        #: Whether every rank ran as many collectives on the default group: a case that failed on some ranks
+        #: may leave them out of step, and the next case's collectives would then pair up wrongly.
+        self.in_step = True
         port = free_port()
         self._processes = [
             context.Process(
@@ -102,6 +118,7 @@ class RankGroup:
         for tasks in self._tasks:
             tasks.put((fn, args))
         outcomes: dict[int, tuple[bool, Any]] = {}
+        states: dict[int, tuple[int, int]] = {}
         deadline = time.monotonic() + timeout
         while len(outcomes) < self.world_size:
             now = time.monotonic()
@@ -111,15 +128,18 @@ class RankGroup:
                     break  # some ranks failed, the others are stuck in a collective: report the failures
                 raise TimeoutError(f"{_case(fn)} did not finish on {self.world_size} ranks within {timeout:.0f} s")
             try:
-                rank, ok, payload = self._results.get(timeout=min(1.0, deadline - now))
+                rank, ok, payload, state = self._results.get(timeout=min(1.0, deadline - now))
             except queue.Empty:
                 if not self.alive():
                     self.close(kill=True)
                     raise RuntimeError(f"a rank died while running {_case(fn)}") from None
                 continue
             outcomes[rank] = (ok, payload)
+            states[rank] = state
             if not ok:
                 deadline = min(deadline, time.monotonic() + _GRACE_S)
+        self.process_groups = max(count for count, _ in states.values())
+        self.in_step = len({collectives for _, collectives in states.values()}) == 1
         failures = {rank: payload for rank, (ok, payload) in outcomes.items() if not ok}
         if failures:
             if len(outcomes) < self.world_size:
@@ -159,6 +179,8 @@ def run_in_pool(fn: Callable[..., Any], *args: Any, world_size: int = 2, timeout
     finally:
         if not group.alive():
             _groups.pop(world_size, None)
+        elif group.process_groups > _MAX_PROCESS_GROUPS or not group.in_step:
+            discard_group(world_size)
 
 
 class ScriptFailed(Exception):
@@ -169,14 +191,12 @@ def run_script_in_pool(script: Path, args: list[str], world_size: int, timeout: 
     """Run ``script``'s ``main()`` with ``args`` on every rank of the live group of ``world_size`` ranks.
 
     Returns what ``python script *args`` under a launcher returns: the exit code (0, or 1 when any rank failed)
-    and the ranks' output, rank after rank. A failed run leaves the group behind (its ranks may disagree on how
-    many collectives ran), so the next case gets a fresh one.
+    and the ranks' output, rank after rank.
     """
     command = [sys.executable, str(script), *args]
     try:
         outputs = run_in_pool(_run_script, str(script), args, world_size=world_size, timeout=timeout)
     except RuntimeError as failure:
-        discard_group(world_size)
         return subprocess.CompletedProcess(command, 1, stdout=str(failure), stderr="")
     return subprocess.CompletedProcess(command, 0, stdout="".join(outputs), stderr="")
 

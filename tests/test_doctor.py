@@ -34,6 +34,12 @@ def _ranks_from_the_pool(request, monkeypatch):
     an attention function) is marked ``fresh_processes``; the command-line tests run the doctor on their own."""
     if request.node.get_closest_marker("fresh_processes") is None:
         monkeypatch.setattr("lightning_cp.doctor.run_on_local_ranks", run_in_pool)
+    else:
+        # the doctor also runs the factory in this process (it reads the model's config): what the factory registers
+        # with transformers must not outlive the test, or later tests here attend with it
+        from transformers import AttentionInterface
+
+        monkeypatch.setattr(AttentionInterface, "_global_mapping", dict(AttentionInterface._global_mapping))
 
 
 def _loss_shifting_inside_the_shard(model, batch):
