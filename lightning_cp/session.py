@@ -141,6 +141,8 @@ class ContextParallelSession:
         self.mixer_plan = MixerPlan({}, {}, {})
         #: The last error :meth:`report_failure` wrote a line about (so that it is not reported twice).
         self.reported: BaseException | None = None
+        #: The first SIGINT / SIGTERM this rank heard (set by the strategy to its watchdog's; none by default).
+        self.received_signal: Callable[[], int | None] = lambda: None
         #: The mechanism chosen by :meth:`prepare_model` (the ring until a model is prepared).
         self.mechanism = Mechanism("ring", 1, "no model prepared")
         self._groups: ContextParallelGroups | None = None
@@ -463,6 +465,8 @@ class ContextParallelSession:
 
         A rank that only lost a peer in a collective says so instead of claiming the failure; Ctrl-C
         (``KeyboardInterrupt``) is reported as the interruption it is. ``what`` replaces the description.
+        A rank blocked in a collective when SIGINT / SIGTERM came (:attr:`received_signal`) loses the peers
+        that stopped at it, and says it was the signal.
         """
         mesh = self.device_mesh
         place = (
@@ -471,12 +475,20 @@ class ContextParallelSession:
         )
         message = str(error)
         self.reported = error
+        signum: int | None = None  # the signal that ended this rank, however it reached it
+        if isinstance(error, KeyboardInterrupt):
+            signum = signal.SIGINT
+        elif isinstance(error, TerminatedBySignal):
+            signum = error.signum
+        elif lost_a_peer(error) and self.received_signal() is not None:
+            # Blocked in a collective when the signal came, this rank lost the peers that stopped at it.
+            signum = self.received_signal()
         if what is not None:
             pass
-        elif isinstance(error, KeyboardInterrupt):
+        elif signum == signal.SIGINT:
             what = f"was interrupted (Ctrl-C, SIGINT): the job ends with exit code {128 + signal.SIGINT} (128 + SIGINT)"
-        elif isinstance(error, TerminatedBySignal):
-            name, code = signal.Signals(error.signum).name, 128 + error.signum
+        elif signum is not None:
+            name, code = signal.Signals(signum).name, 128 + signum
             what = f"received {name}: training stops, and the job ends with exit code {code} (128 + {name})"
         elif lost_a_peer(error):
             what = (

@@ -6,12 +6,17 @@ By default a failure is a few lines (a traceback keeps the user's frame and the 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
+import signal
 import sys
 
+import torch
 import torch.distributed as dist
 from common import run_script
+from distributed_harness import run_on_ranks
 from torch.distributed.device_mesh import init_device_mesh
 
 from lightning_cp.rank_errors import FULL_TRACEBACKS_ENV, SameErrorHook, install_same_error_hook
@@ -102,6 +107,44 @@ def test_a_rank_that_lost_a_peer_shows_its_error_without_a_traceback(capsys, mon
     lost = RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:742.")
     SameErrorHook(rank=0, first_rank=0, previous=sys.__excepthook__)(*_raised(lost))
     assert capsys.readouterr().err == f"RuntimeError: {lost}\n"
+
+
+LOST = "[pair.cc:553] Connection closed by peer [127.0.0.1]:742."
+
+
+def _failure_lines(rank: int, world_size: int) -> dict:
+    """The line each kind of failure gets, with and without a signal heard by this rank's watchdog."""
+    from lightning_cp.mesh import ParallelLayout, build_device_mesh
+    from lightning_cp.session import ContextParallelSession
+
+    mesh, data_context = build_device_mesh(ParallelLayout(1, world_size, 1), torch.device("cpu"))
+    session = ContextParallelSession(mesh, data_context)
+    lines = {}
+    for heard in (None, signal.SIGTERM, signal.SIGINT):
+        session.received_signal = lambda heard=heard: heard
+        for kind, error in (("lost", RuntimeError(LOST)), ("own", ValueError("bad value"))):
+            with contextlib.redirect_stderr(io.StringIO()) as err:
+                session.report_failure(error)
+            lines[f"{kind}, heard {heard and signal.Signals(heard).name}"] = err.getvalue()
+    return lines
+
+
+def test_a_rank_that_lost_its_peers_after_a_signal_says_it_was_the_signal():
+    """Blocked in a collective when SIGTERM / Ctrl-C came, a rank loses the peers that stopped at it: the signal
+    (heard by its watchdog) is what ended it, so it says so and not "lost a peer"; its own errors stay its own."""
+    place = "lightning_cp: rank 1 (data-parallel rank 0, context-parallel rank 1)"
+    lines = run_on_ranks(_failure_lines)[1]
+    assert lines == {
+        "lost, heard None": f"{place} lost a peer in a collective: another rank failed or died"
+        " (its error, if it wrote one, is in the log)\n",
+        "own, heard None": f"{place} failed: ValueError: bad value\n",
+        "lost, heard SIGTERM": f"{place} received SIGTERM: training stops, and the job ends with exit code 143"
+        " (128 + SIGTERM)\n",
+        "own, heard SIGTERM": f"{place} failed: ValueError: bad value\n",
+        "lost, heard SIGINT": f"{place} was interrupted (Ctrl-C, SIGINT): the job ends with exit code 130"
+        " (128 + SIGINT)\n",
+        "own, heard SIGINT": f"{place} failed: ValueError: bad value\n",
+    }
 
 
 def _raised_by(call) -> tuple:

@@ -140,6 +140,8 @@ class ContextParallelMixin:
         self._session = ContextParallelSession(self._device_mesh, data_context_mesh, **self._session_options)
         install_same_error_hook(self._session.cp_mesh)
         self._start_watchdog()
+        # A rank blocked in a collective at SIGTERM / Ctrl-C hears it through the watchdog only.
+        self._session.received_signal = lambda: self.received_signal
 
     def _start_watchdog(self) -> None:
         """Start this rank's heartbeat and signal thread (Note [rank watchdog] in ``watchdog.py``)."""
@@ -180,8 +182,13 @@ class ContextParallelMixin:
             return 128 + signal.SIGINT
         if isinstance(exception, TerminatedBySignal):
             return 128 + exception.signum
-        received = self._watchdog.received_signal if self._watchdog is not None else None
+        received = self.received_signal
         return None if received is None else 128 + received
+
+    @property
+    def received_signal(self) -> int | None:
+        """The first SIGINT or SIGTERM this rank's watchdog heard (``None``: none, or no watchdog runs)."""
+        return self._watchdog.received_signal if self._watchdog is not None else None
 
     def _apply_memory_options(self, module: torch.nn.Module) -> None:
         """Chunked loss and activation checkpointing on the user's model (before the session wraps its loss)."""
