@@ -91,6 +91,7 @@ def test_trainer_ring_trains_eager_softcapped_windowed_attention_like_one_proces
     assert_same_training(run, reference, "gemma2", initializer_range=0.2)
 
 
+@pytest.mark.slow  # a fresh launch
 def test_trainer_ring_on_attention_the_ring_cannot_run_is_refused_on_every_rank(tmp_path):
     """Mistral's 16-token window on packed documents with ``cp_mode="ring"``: refused at the first step on every
     rank (the document-masked ring is plain causal per document), naming the mode that runs it."""

@@ -123,6 +123,7 @@ def test_sequence_length_the_balancer_would_pad_is_named():
     assert report.causes == ["padded_sequence"]
 
 
+@pytest.mark.slow  # a fresh launch of the doctor's command line
 def test_command_line_reports_exact_on_a_config(tmp_path):
     config = {"model_type": "qwen2", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128}
     config |= {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
@@ -154,6 +155,7 @@ def _doctor_command_line(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # a fresh launch of the doctor's command line
 def test_command_line_names_the_cause_for_a_factory_module():
     result = _doctor_command_line("--module", "models:llama_with_sdpa_imported_by_name", "--cp-mode", "ring")
     assert result.returncode == 1, result.stdout + result.stderr
@@ -170,6 +172,7 @@ def test_bad_arguments_are_refused_before_any_process_starts():
         main(["doctor", "--module", "models"])
 
 
+@pytest.mark.slow  # a fresh launch of the doctor's command line
 def test_command_line_checks_a_model_that_is_not_from_hugging_face_with_its_own_loss():
     model = ("--module", "plain_lm:plain_causal_lm", "--loss", "plain_lm:plain_lm_loss", "--vocab-size", "64")
     result = _doctor_command_line(*model, "--seq-len", "64")

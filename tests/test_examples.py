@@ -19,6 +19,7 @@ def _run(*args: str) -> str:
 
 
 @pytest.mark.parametrize("example", ["trainer_llama_cp.py", "fabric_llama_cp.py", "packed_sequences_cp.py"])
+@pytest.mark.slow  # a fresh launch of an example
 def test_lightning_examples_train_and_print_losses(example):
     log = _run(f"examples/{example}", "--steps", "3", "--seq-len", "256")
     losses = [float(v) for v in re.findall(r"step \d+: loss ([0-9.]+)", log)]
@@ -26,6 +27,7 @@ def test_lightning_examples_train_and_print_losses(example):
     assert "LeafSpec" not in log, "Lightning's pytree deprecation is silenced on every rank (issue 26)"
 
 
+@pytest.mark.slow  # a fresh launch of an example
 def test_functional_example_matches_cp1():
     log = _run("examples/functional_llama_cp.py", "--steps", "2", "--seq-len", "128")
     difference = float(re.search(r"largest weight difference after 2 SGD steps: (\S+)", log).group(1))

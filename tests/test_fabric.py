@@ -10,7 +10,7 @@ from common import reference_sgd_run, run_script
 @pytest.mark.parametrize(
     "layout,loss",
     [
-        ("replicate", "hf"),
+        pytest.param("replicate", "hf", marks=pytest.mark.slow),  # a fresh launch
         ("fsdp", "hf"),
         ("replicate", "custom"),
         ("replicate", "chunked"),

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from common import run_script, script_command
 
+pytestmark = pytest.mark.slow  # every case launches a fresh job, as a user does
+
 BOUND_S = 120  # the collective timeout is 60 s; peers notice a dead rank much sooner
 
 

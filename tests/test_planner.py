@@ -129,6 +129,7 @@ def _measured_steps(rank: int, world_size: int, tokens: int) -> dict[str, float]
     return peaks
 
 
+@pytest.mark.slow  # times real steps
 def test_formula_predicts_a_measured_step(monkeypatch):
     """One small measured step per option set (peak RSS, as the benchmark measures it) against the formula."""
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(1 << 16))  # freed tensors leave RSS (benchmarks/common.py)

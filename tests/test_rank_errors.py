@@ -13,6 +13,7 @@ import re
 import signal
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 from common import run_script
@@ -44,6 +45,7 @@ def _refused_run(tmp_path) -> str:
     return log
 
 
+@pytest.mark.slow  # a fresh launch
 def test_a_batch_error_of_every_rank_shows_one_short_traceback_in_a_trainer_run(tmp_path, monkeypatch):
     monkeypatch.delenv(FULL_TRACEBACKS_ENV, raising=False)
     log = _refused_run(tmp_path)
@@ -61,6 +63,7 @@ def test_a_batch_error_of_every_rank_shows_one_short_traceback_in_a_trainer_run(
     assert re.search(hidden + FULL_TRACEBACKS_ENV + "=1 shows full tracebacks", log), log
 
 
+@pytest.mark.slow  # a fresh launch
 def test_the_environment_variable_brings_the_full_traceback_back(tmp_path, monkeypatch):
     monkeypatch.setenv(FULL_TRACEBACKS_ENV, "1")
     log = _refused_run(tmp_path)

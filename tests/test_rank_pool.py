@@ -42,6 +42,7 @@ def test_a_case_that_fails_alike_on_every_rank_keeps_the_group():
     assert run_on_ranks(_sum_of_ranks) == [3.0, 3.0]
 
 
+@pytest.mark.slow  # starts a fresh group of ranks
 def test_a_case_that_leaves_the_ranks_out_of_step_is_followed_by_a_fresh_group():
     before = run_on_ranks(_pid)
     with pytest.raises(RuntimeError, match="planned failure"):

@@ -41,6 +41,7 @@ def test_models_built_from_different_seeds_train_rank_zeros_model(tmp_path, scri
     assert_same_training(run, reference)
 
 
+@pytest.mark.slow  # a fresh launch
 def test_without_the_broadcast_the_ranks_train_different_models(tmp_path):
     """Negative control: bypassing the setup broadcast leaves each rank with its own model."""
     run, rank1_weights = _run(tmp_path, "trainer_llama.py", "--skip-replica-sync")

@@ -44,6 +44,7 @@ def _check_training(run: dict, accumulate: int, cp_mode: str, assert_same_traini
     assert f"attention by {mechanism}" in run["log"]
 
 
+@pytest.mark.slow  # a fresh launch
 def test_one_launch_validates_predicts_and_trains_like_one_process(tmp_path, assert_same_training):
     """One Trainer launch (replicated, no accumulation, cp_mode="auto"): validation and prediction on the initial
     weights, then training; each checked against one process. Launched as a user launches it: the other rank
@@ -118,6 +119,7 @@ def test_tp2_by_cp2_training_equals_one_process_training(tmp_path, assert_same_t
     assert_same_training(run, reference_sgd_run(steps=5, accumulate=1, lr=LR))
 
 
+@pytest.mark.slow  # a fresh launch
 def test_two_nodes_train_as_one_node_with_the_same_ranks(tmp_path, assert_same_training):
     """Two "nodes" on this machine (Lightning's num_nodes=2, one process each, NODE_RANK 0 and 1)."""
     out = tmp_path / "result.pt"
@@ -183,6 +185,7 @@ def test_model_without_attention_modules_is_refused(tmp_path):
     assert "Found no self-attention modules" in _failing_run(tmp_path, "--no-attention")
 
 
+@pytest.mark.slow  # a fresh launch
 def test_cp_size_that_does_not_divide_the_world_is_refused(tmp_path):
     """Refused when the Trainer is built, before the launch: one traceback ending in the one-line cause (issue 26)."""
     log = _failing_run(tmp_path, "--cp", "3", fresh=True)  # what a user's launch prints
