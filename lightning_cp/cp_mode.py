@@ -22,6 +22,7 @@ from torch import nn
 
 from lightning_cp.attention.alibi import alibi_heads, is_alibi_attention
 from lightning_cp.attention.interface import sliding_window_of, uses_attention_interface
+from lightning_cp.attention.ring_variants import RING_ATTN_IMPLEMENTATIONS
 from lightning_cp.attention.ulysses import ULYSSES_ATTN_IMPLEMENTATIONS, ulysses_head_error, ulysses_sizes_that_work
 from lightning_cp.validation import ContextParallelInputError
 
@@ -72,7 +73,9 @@ class AttentionTraits:
         """
         if self.alibi:
             return f"`{self.name}` adds ALiBi position biases through its attention mask"
-        if self.implementation not in (None, "sdpa") and not (self.interface and self.implementation == "eager"):
+        if self.implementation not in (None, "sdpa") and not (
+            self.interface and self.implementation in RING_ATTN_IMPLEMENTATIONS
+        ):
             return (
                 f"`{self.name}` attends with attn_implementation={self.implementation!r} (the ring runs SDPA, and"
                 " eager attention through transformers' attention interface)"

@@ -31,6 +31,7 @@ from lightning_cp.attention.interface import (
     sliding_window_of,
     uses_attention_interface,
 )
+from lightning_cp.attention.ring_variants import RING_ATTN_IMPLEMENTATIONS
 from lightning_cp.attention.switch import ActiveContextParallel, active_context_parallel
 from lightning_cp.attention.ulysses import ULYSSES_ATTN_IMPLEMENTATIONS
 from lightning_cp.mixers.detect import is_sequence_mixer
@@ -128,8 +129,12 @@ def _owner_of(model: nn.Module, names: list[str]) -> str:
     path = [".".join(common[:depth]) for depth in range(len(common))]  # the parents only, never a module itself
     chain = [(name, model.get_submodule(name)) for name in path]
     hf = [(name, module) for name, module in chain if _is_hf_model(module)]
-    owner_name, owner = hf[0] if hf else next(
-        ((name, module) for name, module in reversed(chain) if not isinstance(module, _CONTAINERS)), ("", model)
+    owner_name, owner = (
+        hf[0]
+        if hf
+        else next(
+            ((name, module) for name, module in reversed(chain) if not isinstance(module, _CONTAINERS)), ("", model)
+        )
     )
     return type(owner).__name__ + (f" (`{owner_name}`)" if owner_name else "")
 
@@ -163,9 +168,9 @@ def _check_attn_implementation(name: str, module: nn.Module) -> None:
     if implementation is not None and implementation not in runnable:
         raise ContextParallelInputError(
             f"Attention module `{name}` uses attn_implementation={implementation!r}, which no context-parallel"
-            f" mechanism runs here (the ring runs 'sdpa'; Ulysses runs {ULYSSES_ATTN_IMPLEMENTATIONS} through"
-            " transformers' attention interface), so it would attend only to its own shard. Build the model"
-            " with `attn_implementation='sdpa'`."
+            f" mechanism runs here (through transformers' attention interface the ring runs"
+            f" {RING_ATTN_IMPLEMENTATIONS} and Ulysses {ULYSSES_ATTN_IMPLEMENTATIONS}; outside it, 'sdpa'), so it"
+            " would attend only to its own shard. Build the model with `attn_implementation='sdpa'`."
         )
 
 

@@ -172,8 +172,10 @@ def test_cp_of_size_one_or_no_cp_dimension_leaves_the_batch_alone():
 
 
 def test_attention_no_mechanism_runs_is_refused_at_attach_time():
-    model = tiny_causal_lm("llama", attn_implementation="flex_attention")
-    with pytest.raises(ValueError, match="attn_implementation='flex_attention'"):
+    model = tiny_causal_lm("llama", attn_implementation="paged|eager")
+    with pytest.raises(ValueError, match="attn_implementation='paged|eager'"):
         attach_context_parallel_hooks(model)
+    # flex_attention is attached: Ulysses runs it (tests/test_ulysses_kernels.py)
+    assert attach_context_parallel_hooks(tiny_causal_lm("llama", attn_implementation="flex_attention"))
     # eager attention is attached (Ulysses runs it, and the masked ring under cp_mode="ring": tests/test_ulysses.py)
     assert attach_context_parallel_hooks(tiny_causal_lm("llama", attn_implementation="eager"))

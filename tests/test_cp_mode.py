@@ -54,7 +54,7 @@ def test_auto_refuses_when_no_mechanism_runs_the_model():
 
 def test_explicit_modes_refuse_what_they_cannot_run_and_name_what_can():
     flex = _traits("llama", attn_implementation="flex_attention")
-    with pytest.raises(ContextParallelInputError, match=r"cp_mode='ring'.*'flex_attention'.*Ulysses cannot run"):
+    with pytest.raises(ContextParallelInputError, match=r"cp_mode='ring'.*'flex_attention'.*Use cp_mode='ulysses'"):
         choose_mechanism(flex, 2, "ring")
     with pytest.raises(ContextParallelInputError, match=r"cp_mode='hybrid'.*'flex_attention'"):
         choose_mechanism(flex, 4, "hybrid", 2)

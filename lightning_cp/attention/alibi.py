@@ -48,8 +48,9 @@ def _mpt_slopes(module: nn.Module) -> torch.Tensor:
     return -build(module.n_heads, 2)[:, 0, 0].float()
 
 
-def _attend(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
-            slopes: torch.Tensor) -> torch.Tensor:
+def _attend(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, slopes: torch.Tensor
+) -> torch.Tensor:
     """``[B, s, H, D]``: causal ALiBi attention of this rank's ``[B, H, s, D]`` shards by the active mechanism."""
     active = active_context_parallel()
     assert active is not None

@@ -31,12 +31,10 @@ from lightning_cp.attention.masked_ring import AttentionVariant, masked_ring_att
 from lightning_cp.attention.ring_variants import ring_variant
 from lightning_cp.attention.switch import ActiveContextParallel, active_context_parallel
 from lightning_cp.attention.ulysses import (
-    ULYSSES_ATTN_IMPLEMENTATIONS,
     back_to_shards,
     run_attention_function,
     to_whole_sequences,
 )
-from lightning_cp.validation import ContextParallelInputError
 
 #: Set on attention modules the hooks prepared; the interface leaves every other module alone.
 HOOKED_MARK = "_lightning_cp_hooked"
@@ -132,11 +130,6 @@ def _run_under_cp(
             return _masked_ring(active, variant, module, query, key, value), None
     if active.mechanism == "ring":  # the function's SDPA call is the ring's, which records itself
         return original(module, query, key, value, attention_mask, **kwargs)
-    if implementation not in ULYSSES_ATTN_IMPLEMENTATIONS:
-        raise ContextParallelInputError(
-            f"`{type(module).__name__}` attends with attn_implementation={implementation!r}; Ulysses runs"
-            f" {ULYSSES_ATTN_IMPLEMENTATIONS} attention. Build the model with `attn_implementation='sdpa'`."
-        )
     assert active.ulysses is not None
     return run_attention_function(original, implementation, active.ulysses, window, module, query, key, value, **kwargs)
 

@@ -20,6 +20,9 @@ from torch import nn
 from lightning_cp.attention.masked_ring import AttentionVariant
 from lightning_cp.validation import ContextParallelInputError
 
+#: Attention implementations whose function the ring (alone or in the hybrid) runs: SDPA's ring, or the masked ring.
+RING_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
 #: Modeling modules whose ``eager_attention_forward`` the masked ring reproduces exactly (each read).
 KNOWN_EAGER_MODULES: frozenset[str] = frozenset(
     f"transformers.models.{family}.modeling_{family}"
@@ -61,7 +64,7 @@ def ring_variant(
     if implementation == "sdpa" and softcap is None and sinks is None and not windowed:
         return None
     what = _describe(implementation, window if windowed else None, softcap, sinks)
-    if implementation not in ("sdpa", "eager"):
+    if implementation not in RING_ATTN_IMPLEMENTATIONS:
         _refuse(f"`{name}` attends with attn_implementation={implementation!r}; the ring runs 'sdpa' and 'eager'")
     if implementation == "eager" and getattr(original, "__module__", None) not in KNOWN_EAGER_MODULES:
         _refuse(

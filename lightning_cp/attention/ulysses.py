@@ -22,9 +22,15 @@ shares one batch layout.
 
 Masks. The mask a model builds under CP describes its own shard and is dropped. It is rebuilt for the
 whole sequence from positions alone: causal, the layer's sliding window, and documents (padding is a
-document of its own). A row is attended one document at a time (:data:`Spans`), so memory stays linear
-in the row; a mask exists only where the model's attention needs one (a window shorter than the
-document, or eager attention, which masks by adding it).
+document of its own), in the form the model's attention implementation takes:
+
+* ``sdpa`` and ``eager``: a row is attended one document at a time (:data:`Spans`), so memory stays linear
+  in the row; a mask exists only where the attention needs one (a window shorter than the document as a
+  boolean mask, or eager attention's additive mask, which it adds to its scores);
+* ``flash_attention_*``: one document at a time with no mask; the kernel applies causality and the window
+  (the layer passes its ``sliding_window``), and the shard's ``position_ids`` / ``cu_seq_lens`` are dropped;
+* ``flex_attention``: every document of the rows at once, under a block mask built from the global positions
+  (causal, window, same document), so one compiled kernel sees every row whatever its documents.
 """
 
 from __future__ import annotations
@@ -42,8 +48,15 @@ from lightning_cp.attention.ledger import inside_hooked_module, record_mechanism
 from lightning_cp.sharding.sequence import take_positions
 from lightning_cp.validation import ContextParallelInputError, refuse_together
 
+#: Flash-attention implementations: the kernel applies causality and the window itself and takes no dense mask.
+FLASH_ATTN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
+
 #: Hugging Face attention implementations whose attention function Ulysses can run on whole sequences.
-ULYSSES_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+ULYSSES_ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", *FLASH_ATTN_IMPLEMENTATIONS)
+
+#: Keyword arguments that describe this rank's shard to flash attention (packed rows found from position ids):
+#: under Ulysses each call gets one whole document instead.
+_SHARD_LAYOUT_KWARGS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 #: Per row (or one entry for all rows), the ``(start, end)`` spans of the documents of the ordered sequence.
 Spans = tuple[tuple[tuple[int, int], ...], ...]
@@ -267,16 +280,59 @@ def run_attention_function(
     kwargs = _local_head_kwargs(kwargs, exchange.group, query.size(1))
     requested = kwargs.pop("is_causal", None)
     causal = bool(getattr(module, "is_causal", True)) if requested is None else bool(requested)
-    additive = q.dtype if implementation != "sdpa" else None
 
-    def attend(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def attend(qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, mask: Any) -> torch.Tensor:
         with _heads_sharded():
             out, _ = original(view, qs, ks, vs, mask, is_causal=causal, **kwargs)
         return out  # [B, S, H/u, D]
 
-    out = _attend_spans(attend, q, k, v, exchange.spans, causal, window, additive)
+    # The mask in the form each implementation takes (Note [Ulysses], Masks).
+    match implementation:
+        case "sdpa":
+            out = _attend_spans(attend, q, k, v, exchange.spans, causal, window, None)
+        case "eager":
+            out = _attend_spans(attend, q, k, v, exchange.spans, causal, window, q.dtype)
+        case "flex_attention":
+            out = attend(q, k, v, _flex_block_mask(exchange.spans, q.size(0), q.size(2), causal, window, q.device))
+        case _ if implementation in FLASH_ATTN_IMPLEMENTATIONS:
+            kwargs = {name: value for name, value in kwargs.items() if name not in _SHARD_LAYOUT_KWARGS}
+            out = _attend_spans(attend, q, k, v, exchange.spans, causal, None, None)
+        case _:
+            raise ContextParallelInputError(
+                f"`{type(module).__name__}` attends with attn_implementation={implementation!r}; Ulysses runs"
+                f" {ULYSSES_ATTN_IMPLEMENTATIONS} attention. Build the model with `attn_implementation='sdpa'`."
+            )
     record_mechanism_call()
     return back_to_shards(out, exchange), None
+
+
+def _document_ids(spans: Spans | None, batch_size: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    """``[B, S]``: the index of the document each position of the ordered rows belongs to."""
+    ids = []
+    for row_slice, row_spans in _row_groups(spans, batch_size, seq_len):
+        lengths = torch.tensor([end - start for start, end in row_spans], device=device)
+        row = torch.repeat_interleave(torch.arange(len(row_spans), device=device), lengths)
+        ids.append(row.expand(row_slice.stop - row_slice.start, seq_len))
+    return torch.cat(ids)
+
+
+def _flex_block_mask(
+    spans: Spans | None, batch_size: int, seq_len: int, causal: bool, window: int | None, device: torch.device
+) -> Any:
+    """The ``BlockMask`` of the whole ordered rows: same document, causal, and the sliding window."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    documents = _document_ids(spans, batch_size, seq_len, device)
+
+    def visible(batch: torch.Tensor, head: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        allowed = documents[batch, query] == documents[batch, key]
+        if causal:
+            allowed = allowed & (key <= query)
+        if window is not None:
+            allowed = allowed & ((query - key).abs() < window)
+        return allowed
+
+    return create_block_mask(visible, batch_size, None, seq_len, seq_len, device=device)
 
 
 def _attend_spans(
