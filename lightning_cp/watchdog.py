@@ -20,6 +20,17 @@ Ending the job: SIGKILL the peers on this host that stopped answering (SIGKILL r
 process; nothing else does) and the ranks this process launched, then ``os._exit`` with 128 + the
 signal number, or 1 for a detected hang. A rank whose launcher died also ends itself.
 A peer that finished cleanly says so in the store; one whose process is gone is not "stopped".
+
+Note [watchdog at exit]
+-----------------------
+The thread is a daemon, and its store calls run in C++ with the GIL released. A daemon thread that comes
+back from such a call while the interpreter finalizes cannot take the GIL again: Python ends the thread
+from inside the call, which C++ cannot unwind, and the process aborts ("terminate called without an
+active exception", SIGABRT) after a run that succeeded. So :meth:`RankWatchdog.stop` waits until the
+thread has returned from its call, as long as the store's host takes to answer (bounded by
+``_STOP_TIMEOUT``), before it writes its own "finished" on the same connection: a host that answers slowly
+delays the exit, and only a host that stops answering altogether leaves the thread in its call (the
+store is then left alone: a call of ours would block as well).
 """
 
 from __future__ import annotations
@@ -45,6 +56,8 @@ HEARTBEAT_INTERVAL = 1.0
 SIGNAL_GRACE = 5.0
 #: A peer silent for this many heartbeats is named as the one not answering when the job is interrupted.
 _SILENT_BEATS = 3
+#: Seconds :meth:`RankWatchdog.stop` waits for the thread to leave a store call (Note [watchdog at exit]).
+_STOP_TIMEOUT = 10.0
 
 
 class TerminatedBySignal(BaseException):
@@ -128,9 +141,13 @@ class RankWatchdog:
             os.write(self._signal_write, b"\0")  # wake the thread from its select now, not at the next heartbeat
         except BlockingIOError:
             pass  # the pipe is full: the thread wakes up anyway
-        self._thread.join(timeout=2 * HEARTBEAT_INTERVAL)
+        # Wait for the thread to leave its store call, however slow the store's host answers (Note [watchdog at
+        # exit]); a host that does not answer at all holds the thread, and the store is then left alone.
+        self._thread.join(timeout=_STOP_TIMEOUT)
         if self._previous_wakeup_fd is not None:
             signal.set_wakeup_fd(self._previous_wakeup_fd)
+        if self._thread.is_alive():
+            return
         try:
             if self._store is not None:
                 self._store.set(_KEY.format(rank=self.rank), _FINISHED)
