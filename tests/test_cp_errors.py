@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,7 @@ from models import lm_batch, mistral_with_short_window, tiny_causal_lm
 from torch.distributed.device_mesh import init_device_mesh
 
 from lightning_cp import attach_context_parallel_hooks, make_cp_batch_and_ctx
+from lightning_cp.attention import ledger
 from lightning_cp.attention.switch import active_context_parallel, ring_attention
 from lightning_cp.hooks import find_attention_modules
 
@@ -154,6 +157,27 @@ def test_cp_state_is_restored_after_an_error_inside_the_context(error_results):
 
 def test_non_causal_attention_without_load_balancing_matches_full_attention(error_results):
     assert all(result["non_causal_without_balance_error"] < 1e-5 for result in error_results)
+
+
+def _left_running_after_an_error_inside_attention(rank: int, world_size: int) -> tuple[str | None, bool]:
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))
+    model = tiny_causal_lm("llama")
+    attach_context_parallel_hooks(model)
+    for module in find_attention_modules(model).values():
+        module.attention_dropout = 0.1  # refused by the ring inside the hooked attention module's forward
+    error = _error_of(lambda: _run_model(mesh, model, lm_batch(seq_len=64), cp_mode="ring"))
+    left_running = ledger.inside_hooked_module()
+    model = None  # the ranks serve later cases: no hooked model may outlive this one
+    gc.collect()
+    return error, left_running
+
+
+def test_a_forward_that_raised_inside_attention_leaves_no_module_running():
+    """A module left "running" would stay alive and hooked, steer the functional API's choice of mechanism for
+    the models that come after, and count as "inside a hooked module" outside CP."""
+    for error, left_running in run_on_ranks(_left_running_after_an_error_inside_attention):
+        assert error is not None and "dropout" in error, error
+        assert not left_running
 
 
 def _no_op_meshes(rank: int, world_size: int) -> dict:

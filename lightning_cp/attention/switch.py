@@ -275,6 +275,7 @@ def switched_on(
         finally:
             _active = None
             F.scaled_dot_product_attention = torch_sdpa  # torch restores only its own wrapper
+            ledger.reset()  # a forward that raised would keep its module alive, and "inside a hooked module"
 
 
 @contextmanager
