@@ -332,7 +332,8 @@ def _flex_block_mask(
             allowed = allowed & ((query - key).abs() < window)
         return allowed
 
-    return create_block_mask(visible, batch_size, None, seq_len, seq_len, device=device)
+    # Compiled, as transformers builds its own: uncompiled, the mask is evaluated as a dense S × S grid first.
+    return create_block_mask(visible, batch_size, None, seq_len, seq_len, device=device, _compile=True)
 
 
 def _attend_spans(
