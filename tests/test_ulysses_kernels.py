@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import pytest
@@ -19,6 +19,7 @@ from distributed_harness import run_on_ranks
 from model_zoo import zoo_model
 from models import lm_batch
 from test_packed_training import packed_batch
+from test_ulysses import ZOO_OVERRIDES, _averaged_grads, _patched
 
 from lightning_cp.attention import ulysses
 from lightning_cp.mesh import ParallelLayout, build_device_mesh
@@ -32,9 +33,6 @@ try:
     FLASH_ATTN = True
 except ImportError:
     FLASH_ATTN = False
-
-#: Larger initial weights where the default ones hide a feature (Gemma 2's softcapping, as in test_ulysses.py).
-OVERRIDES = {"gemma2": {"initializer_range": 0.2}}
 
 
 @dataclass(frozen=True)
@@ -50,22 +48,22 @@ class Case:
         return "-".join(parts + ([f"without-{self.bypass}"] if self.bypass else []))
 
 
-@contextmanager
-def _bypassed(what: str | None) -> Iterator[None]:
+def _bypassed(what: str | None) -> AbstractContextManager[None]:
+    """The block mask built without the window or the documents while open (negative controls)."""
     if what is None:
-        yield
-        return
+        return nullcontext()
     original = ulysses._flex_block_mask
     if what == "window":
-        ulysses._flex_block_mask = lambda spans, batch, length, causal, window, device: original(
-            spans, batch, length, causal, None, device
-        )
+
+        def replacement(spans, batch, length, causal, window, device):
+            return original(spans, batch, length, causal, None, device)
+
     else:  # "documents": packed rows masked as one sequence each
-        ulysses._flex_block_mask = lambda spans, *args: original(None, *args)
-    try:
-        yield
-    finally:
-        ulysses._flex_block_mask = original
+
+        def replacement(spans, *args):
+            return original(None, *args)
+
+    return _patched(ulysses, "_flex_block_mask", replacement)
 
 
 @contextmanager
@@ -89,7 +87,7 @@ def _uncompiled_flex_attention() -> Iterator[None]:
 
 def _forward_parity(rank: int, world_size: int, case: Case, attn: str) -> dict:
     mesh, data_context = build_device_mesh(ParallelLayout(1, world_size, 1), torch.device("cpu"))
-    model = zoo_model(case.model, attn_implementation=attn, **OVERRIDES.get(case.model, {}))
+    model = zoo_model(case.model, attn_implementation=attn, **ZOO_OVERRIDES.get(case.model, {}))
     batch = packed_batch() if case.packed else lm_batch(seq_len=130)
     batch.pop("labels")
     # Packed rows: transformers' own document mask, built from the restarting position ids, in the reference.
@@ -151,7 +149,7 @@ def test_the_ring_refuses_flex_attention_on_every_rank_and_names_ulysses():
 def _training_parity(rank: int, world_size: int, name: str, attn: str, packed: bool) -> dict:
     torch.cuda.set_device(0)  # two ranks share the one GPU (gloo moves CUDA tensors)
     mesh, data_context = build_device_mesh(ParallelLayout(1, world_size, 1), torch.device("cuda"))
-    model = zoo_model(name, attn_implementation=attn, **OVERRIDES.get(name, {})).cuda()
+    model = zoo_model(name, attn_implementation=attn, **ZOO_OVERRIDES.get(name, {})).cuda()
     batch = {key: value.cuda() for key, value in (packed_batch() if packed else lm_batch(seq_len=256)).items()}
     reference = copy.deepcopy(model)
     ref_loss = reference(**batch, use_cache=False).loss
@@ -162,17 +160,12 @@ def _training_parity(rank: int, world_size: int, name: str, attn: str, packed: b
     with session.step(local):
         loss = model(**local, use_cache=False).loss
         loss.backward()
-    grads = {}
-    for parameter_name, parameter in model.named_parameters():
-        grad = parameter.grad.clone()
-        torch.distributed.all_reduce(grad, group=data_context.get_group())
-        grads[parameter_name] = (grad / world_size).cpu()
-    return {
+    return {  # the ranks' results come back on the CPU
         "mechanism": session.mechanism.name,
-        "loss": loss.detach().cpu(),
-        "ref_loss": ref_loss.detach().cpu(),
-        "grads": grads,
-        "ref_grads": {parameter_name: p.grad.cpu() for parameter_name, p in reference.named_parameters()},
+        "loss": loss.detach(),
+        "ref_loss": ref_loss.detach(),
+        "grads": _averaged_grads(model, data_context.get_group()),
+        "ref_grads": {parameter_name: p.grad for parameter_name, p in reference.named_parameters()},
     }
 
 
