@@ -2,7 +2,7 @@
 
 * ``"ring"``: torch's ring of key/value shards for plain SDPA attention (causal or per document), any number
   of heads; sliding windows shorter than the sequence, softcapping, sinks and eager attention (through
-  transformers' attention interface, unpacked rows) on the masked ring (Note [windowed ring]).
+  transformers' attention interface, unpacked rows and packed documents) on the masked ring (Note [windowed ring]).
 * ``"ulysses"``: an all-to-all of heads (Note [Ulysses] in :mod:`lightning_cp.attention.ulysses`). Runs
   the model's own attention function (sdpa or eager) on whole sequences, so windows, softcapping and
   sinks are exact; the heads must split over the CP ranks.

@@ -47,10 +47,9 @@ CAUSES: dict[str, str] = {
         " attn_implementation='sdpa', and attach_cp_sdpa_hooks for compiled layers."
     ),
     "masked_attention": (
-        "sliding-window attention the ring cannot mask (on packed documents, or outside transformers' attention"
-        " interface), or non-causal attention, which the ring would replace by plain causal attention. Use"
-        " cp_mode='ulysses' (it applies windows exactly), sequences no longer than the window, or turn load"
-        " balancing off for bidirectional attention."
+        "sliding-window attention outside transformers' attention interface, which no mode can mask (use"
+        " sequences no longer than the window), or non-causal attention, which the ring would replace by plain"
+        " causal attention (use cp_mode='ulysses', or turn load balancing off for bidirectional attention)."
     ),
     "mechanism_refused": (
         "the CP mode asked for cannot run this model's attention exactly (see the error); the report lists the"
@@ -519,8 +518,10 @@ def _verdict(
     if report.error is not None:
         cause = _error_cause(report.error)
         causes += [cause] if cause else []
-    if report.error is None and report.attention_modules and (
-        calls["through_cp"] < calls["attention"] or calls["through_cp"] == 0
+    if (
+        report.error is None
+        and report.attention_modules
+        and (calls["through_cp"] < calls["attention"] or calls["through_cp"] == 0)
     ):
         causes.append("local_attention")
     if report.loss_cp is not None:

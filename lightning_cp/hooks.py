@@ -178,26 +178,20 @@ def _check_window(module: nn.Module, active: ActiveContextParallel) -> None:
     """Refuse a sliding window shorter than the sequence where no mechanism applies it.
 
     Through transformers' attention interface, Ulysses masks the window of the whole sequence (Note [Ulysses])
-    and the ring and the hybrid run the masked ring on unpacked rows (Note [windowed ring]); packed documents
-    under the ring, and windows that do not come through the interface, would attend beyond the window.
+    and the ring and the hybrid run the masked ring (Note [windowed ring]), on unpacked rows and packed
+    documents alike; a window that does not come through the interface would be attended beyond.
     """
-    interface = module._lightning_cp_interface
-    if interface and (active.mechanism == "ulysses" or active.documents is None):
+    if module._lightning_cp_interface:
         return
     window = sliding_window_of(module)
     if window is None or active.global_seq_len is None or window >= active.global_seq_len:
         return
-    if interface:
-        where = "on packed documents, where the document-masked ring runs plain causal attention per document"
-        hint = " Use `cp_mode='ulysses'` (or 'auto'): it applies the window exactly, also per document."
-    else:
-        where = "and it does not attend through transformers' attention interface, so the ring runs plain causal SDPA"
-        hint = " Use sequences no longer than the window, or a model without sliding-window attention."
     length = "longest document" if active.documents is not None else "sequence"
     raise ContextParallelInputError(
         f"`{type(module).__name__}` uses a sliding window of {window} tokens, shorter than the {length}"
-        f" ({active.global_seq_len}). Under cp_mode={active.mechanism!r} {where}: it would attend beyond the"
-        f" window.{hint}"
+        f" ({active.global_seq_len}). Under cp_mode={active.mechanism!r} it does not attend through transformers'"
+        " attention interface, so CP would run plain causal attention: it would attend beyond the window. Use"
+        " sequences no longer than the window, or a model without sliding-window attention."
     )
 
 
@@ -288,7 +282,7 @@ def attach_context_parallel_hooks(model: nn.Module) -> list[str]:
 
     While CP is on, each module drops its mask (the mechanism rebuilds what the whole sequence needs),
     and a module whose forward ends without attention going through the mechanism raises. Mode-agnostic:
-    what a mechanism cannot run (a window on packed documents under the ring, say) is refused when it runs. A
+    what a mechanism cannot run (flex attention under the ring, say) is refused when it runs. A
     model with attention modules CP cannot reach at all (written by hand, other than Bloom's and MPT's) is refused.
     Sequence mixers that are not attention (gated delta nets, Mamba scans, causal convolutions) are hooked
     too (:func:`~lightning_cp.mixers.hooks.attach_mixer_hooks`): under CP each runs by the mechanism

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from distributed_harness import run_on_ranks
-from models import lm_batch, mistral_with_short_window, tiny_causal_lm
+from models import lm_batch, tiny_causal_lm
+from plain_lm import VOCAB_SIZE, plain_causal_lm
 from torch.distributed.device_mesh import init_device_mesh
 
 from lightning_cp import attach_context_parallel_hooks, make_cp_batch_and_ctx
@@ -70,11 +71,19 @@ def _error_cases(rank: int, world_size: int) -> dict:
     odd = lm_batch(seq_len=127)
     results["non_causal_padded"] = _error_of(lambda: _run_model(mesh, model, odd, load_balance=False, cp_mode="ring"))
 
-    mistral = mistral_with_short_window()
-    attach_context_parallel_hooks(mistral)
-    # the masked ring runs a window on unpacked rows (tests/test_ulysses.py); on packed documents it is refused
-    packed = {**batch, "position_ids": torch.cat([torch.arange(96), torch.arange(32)]).expand(2, -1)}
-    results["sliding_window"] = _error_of(lambda: _run_model(mesh, mistral, packed, cp_mode="ring"))
+    # through transformers' attention interface every mode applies a window (tests/test_ulysses.py); a window of
+    # attention written by hand, calling SDPA, would be attended beyond
+    windowed = plain_causal_lm()
+    for layer in windowed.layers:
+        layer.self_attn.sliding_window = 64
+    attach_context_parallel_hooks(windowed)
+    train_ctx, local = make_cp_batch_and_ctx(mesh, batch, cp_mode="ring")
+
+    def hand_written_window():
+        with train_ctx():
+            windowed(local["input_ids"] % VOCAB_SIZE, position_ids=local["position_ids"])
+
+    results["sliding_window"] = _error_of(hand_written_window)
 
     q = torch.randn(1, 2, 32, 8)
 
@@ -134,7 +143,7 @@ def error_results():
         ("missing_position_ids", "without `position_ids`: it would number each shard's tokens from 0"),
         ("non_causal_load_balanced", "only supports causal attention"),
         ("non_causal_padded", "is not causal .* padded by 1 positions .* Use cp_mode='ulysses'"),
-        ("sliding_window", "sliding window of 64 tokens, shorter than the longest document \\(96\\)"),
+        ("sliding_window", "sliding window of 64 tokens, shorter than the sequence \\(128\\).* not attend through"),
         ("explicit_mask", "cannot apply an explicit `attn_mask`"),
         ("nested", "do not nest"),
         ("dropout", "does not support attention dropout"),

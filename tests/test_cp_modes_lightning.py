@@ -92,15 +92,16 @@ def test_trainer_ring_trains_eager_softcapped_windowed_attention_like_one_proces
 
 
 @pytest.mark.slow  # a fresh launch
-def test_trainer_ring_on_attention_the_ring_cannot_run_is_refused_on_every_rank(tmp_path):
-    """Mistral's 16-token window on packed documents with ``cp_mode="ring"``: refused at the first step on every
-    rank (the document-masked ring is plain causal per document), naming the mode that runs it."""
-    args = ("--model", "mistral", "--packed", "--cp-mode", "ring", "--timeout", "60")
+def test_trainer_ring_on_attention_cp_cannot_run_is_refused_on_every_rank(tmp_path):
+    """Bloom's hand-written ALiBi attention on packed documents with ``cp_mode="ring"``: refused at the first step
+    on every rank (without CP it attends across the packed row, which no per-document mechanism reproduces),
+    saying what to do instead."""
+    args = ("--model", "bloom", "--packed", "--cp-mode", "ring", "--timeout", "60")
     log = _failing_run(tmp_path, *args, fresh=True)  # the log of a user's launch
-    refusal = "ContextParallelInputError: `MistralAttention` uses a sliding window of 16 tokens, shorter than the"
-    for rank in (0, 1):  # each rank refuses, before any collective, and says which mode to use instead
+    refusal = "ContextParallelInputError: `BloomAttention` (hand-written ALiBi attention) got packed documents under"
+    for rank in (0, 1):  # each rank refuses, before any collective, and says what to do
         failed = rf"lightning_cp: rank {rank} \(data-parallel rank 0, context-parallel rank {rank}\) failed: "
-        assert re.search(failed + re.escape(refusal) + r".* Use `cp_mode='ulysses'` \(or 'auto'\)", log), log[-6000:]
+        assert re.search(failed + re.escape(refusal) + r".* Train it on unpacked rows", log), log[-6000:]
     # rank 0 shows the traceback, rank 1 one line, the whole failure in a few lines (lightning_cp.rank_errors);
     # refused at the first step, after the step's start-up line (a refusal at setup takes 20)
     assert log.count("Traceback (most recent call last)") == 1, log[-6000:]

@@ -88,7 +88,7 @@ def test_attention_no_mode_reaches_is_refused_without_listing_modes():
 
 
 def test_sliding_window_shorter_than_the_sequence_runs_exactly_under_the_ring():
-    # the masked ring (Note [windowed ring]); a window on packed documents is still refused (tests/test_ulysses.py)
+    # the masked ring (Note [windowed ring]); on packed documents as well (tests/test_ulysses.py)
     report = check(mistral_with_short_window, lm_batch(seq_len=128), cp_mode="ring")
     assert report.exact, report.render()
     assert "attention by ring over 2 ranks" in report.mechanism

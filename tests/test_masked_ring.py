@@ -1,18 +1,21 @@
 """The masked ring (Note [windowed ring]): windows, softcapping and sinks on the ring, against dense attention.
 
-Raw q/k/v on real gloo ranks (outputs and every input gradient), the fetch plan's skipped blocks and the
-K/V it moves, and negative controls: each variant ignored gives a different result.
+Raw q/k/v on real gloo ranks (outputs and every input gradient), unpacked rows and packed documents in every
+packed layout, the fetch plan's skipped blocks and the K/V it moves, and negative controls: each variant
+ignored, or the documents ignored, gives a different result.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 from distributed_harness import run_on_ranks
 
-from lightning_cp.attention.masked_ring import AttentionVariant, masked_ring_attention, plan_fetch
+from lightning_cp.attention.masked_ring import AttentionVariant, masked_ring_attention, plan_document_fetch, plan_fetch
+from lightning_cp.sharding.packing import gather_packed, plan_packed_layout, shard_packed
 from lightning_cp.sharding.sequence import gather_sequence, shard_sequence
 
 SEQ_LEN, HEADS, KV_HEADS, DIM, WINDOW = 64, 4, 2, 8, 6
@@ -111,3 +114,98 @@ def test_fetch_plan_skips_blocks_outside_the_window_and_moves_less():
         for rank in range(2)
     ]
     assert received == [(127, 512), (127, 256)]
+
+
+#: Row 0: a short document, one longer than the window spanning the ranks, two more; row 1 packs two.
+DOCUMENTS = [[3, 21, 10, 6], [17, 23]]
+#: The packed layouts the ring shards into: per-document head/tail, contiguous, short documents kept whole.
+PACKED_LAYOUTS = {
+    "head_tail": {"load_balance": True},
+    "contiguous": {"load_balance": False},
+    "whole": {"load_balance": True, "whole_documents": True},
+}
+#: (layout, window, softcap, with sinks)
+PACKED_CASES = [
+    ("head_tail", WINDOW, 5.0, True),
+    ("contiguous", WINDOW, None, False),
+    ("whole", WINDOW, None, True),
+    ("head_tail", None, 5.0, False),
+]
+
+
+def _per_document_dense(q, k, v, window, softcap, sinks) -> torch.Tensor:
+    """:func:`_dense` on each document of :data:`DOCUMENTS` on its own, back in packed order."""
+    rows = []
+    for row, lengths in enumerate(DOCUMENTS):
+        starts = [sum(lengths[:i]) for i in range(len(lengths))]
+        pieces = [
+            _dense(*(t[row : row + 1, :, start : start + n] for t in (q, k, v)), window, softcap, sinks)
+            for start, n in zip(starts, lengths, strict=True)
+        ]
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows)
+
+
+def _packed_cases(rank: int, world_size: int) -> dict[str, dict]:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("context_parallel",))
+    generator = torch.Generator().manual_seed(4)
+    q, grad = (torch.randn(2, HEADS, 40, DIM, generator=generator) * 2 for _ in range(2))
+    k, v = (torch.randn(2, KV_HEADS, 40, DIM, generator=generator) * 2 for _ in range(2))
+    sinks = torch.randn(HEADS, generator=generator)
+    results = {}
+    for name, window, softcap, with_sinks in PACKED_CASES:
+        layout = plan_packed_layout(DOCUMENTS, world_size, **PACKED_LAYOUTS[name])
+        # negative control: the same layout with every token in one document (packing ignored)
+        merged = dataclasses.replace(layout, document=torch.zeros_like(layout.document))
+        sink = sinks.clone().requires_grad_() if with_sinks else None
+        local = [shard_packed(t, layout, rank, seq_dim=2).requires_grad_() for t in (q, k, v)]
+        variant = AttentionVariant(1 / math.sqrt(DIM), window, softcap, sink)
+        out = masked_ring_attention(*local, variant, mesh.get_group(), layout.load_balance, layout)
+        out.backward(shard_packed(grad, layout, rank, seq_dim=2))
+        ignored = masked_ring_attention(*(t.detach() for t in local), variant, mesh.get_group(), True, merged)
+        reference = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref_sink = sinks.clone().requires_grad_() if with_sinks else None
+        ref_out = _per_document_dense(*reference, window, softcap, ref_sink)
+        ref_out.backward(grad)
+        cp = [gather_packed(t.detach(), layout, mesh, seq_dim=2) for t in (out, *(t.grad for t in local))]
+        expected = [ref_out.detach(), *(t.grad for t in reference)]
+        if with_sinks:
+            torch.distributed.all_reduce(sink.grad)
+            cp.append(sink.grad)
+            expected.append(ref_sink.grad)
+        results[name + str(window)] = {
+            "cp": cp,
+            "reference": expected,
+            "ignored": gather_packed(ignored.detach(), layout, mesh, seq_dim=2),
+        }
+    return results
+
+
+@pytest.fixture(scope="module")
+def packed_results() -> list[dict[str, dict]]:
+    return run_on_ranks(_packed_cases, timeout=120)
+
+
+@pytest.mark.parametrize("layout,window,softcap,with_sinks", PACKED_CASES)
+def test_masked_ring_on_packed_rows_equals_each_document_alone(packed_results, layout, window, softcap, with_sinks):
+    for by_case in packed_results:
+        result = by_case[layout + str(window)]
+        for cp, reference in zip(result["cp"], result["reference"], strict=True):
+            torch.testing.assert_close(cp, reference, rtol=1e-4, atol=1e-5)
+        # negative control: attending across the documents of the row gives a different output
+        assert (result["ignored"] - result["reference"][0]).abs().max() > 1e-2
+
+
+def test_packed_fetch_plan_moves_only_the_attended_keys_of_each_document():
+    # whole-document placement of short documents: each stays on one rank, so no rank needs another's keys
+    whole = plan_packed_layout([[5, 7, 3, 9, 2, 4, 8, 2]], 2, load_balance=True, whole_documents=True)
+    assert [plan_document_fetch(whole, rank, None).received_tokens for rank in range(2)] == [0, 0]
+    # one 64-token document split head/tail: with a window of 6 a rank receives window - 1 keys per chunk
+    # boundary it does not hold the keys before, as on an unpacked row
+    split = plan_packed_layout([[64]], 2, load_balance=True)
+    for rank in range(2):
+        packed, unpacked = plan_document_fetch(split, rank, WINDOW), plan_fetch(64, 2, rank, True, WINDOW)
+        assert packed.received_tokens == unpacked.received_tokens
+        assert torch.equal(packed.key_positions, unpacked.key_positions)

@@ -8,7 +8,8 @@ comes back wrapped by :func:`_through_cp`. Outside CP, and for modules the hooks
 wrapper calls the function unchanged; under CP it runs the function through the active mechanism:
 
 * ring: the function as it is (its SDPA call is the ring's) for plain causal SDPA; a sliding window shorter
-  than the sequence, softcapping, sinks or eager attention on the masked ring instead (Note [windowed ring];
+  than the sequence, softcapping, sinks or eager attention on the masked ring instead, unpacked rows and packed
+  documents alike (Note [windowed ring];
   :mod:`~lightning_cp.attention.ring_variants` says which functions it reproduces, and refuses the rest);
 * Ulysses: the function on whole sequences for this rank's heads (Note [Ulysses]);
 * hybrid: Ulysses inside the group, then the function's SDPA call runs the ring across groups (or, for
@@ -123,9 +124,7 @@ def _run_under_cp(
     assert active is not None
     window = kwargs["sliding_window"] if "sliding_window" in kwargs else sliding_window_of(module)
     if active.mechanism != "ulysses":
-        variant = ring_variant(
-            original, implementation, module, query, window, kwargs, active.global_seq_len, active.documents is not None
-        )
+        variant = ring_variant(original, implementation, module, query, window, kwargs, active.global_seq_len)
         if variant is not None:
             return _masked_ring(active, variant, module, query, key, value), None
     if active.mechanism == "ring":  # the function's SDPA call is the ring's, which records itself
@@ -147,12 +146,14 @@ def _masked_ring(
     assert active.ring_group is not None
     record_mechanism_call()
     if active.ulysses is None:
-        out = masked_ring_attention(query, key, value, variant, active.ring_group, active.load_balance)
+        out = masked_ring_attention(
+            query, key, value, variant, active.ring_group, active.load_balance, active.documents
+        )
         return out.transpose(1, 2)
     exchange = active.ulysses
     q, k, v = to_whole_sequences(query, key, value, exchange, f"`{type(module).__name__}`")
     if variant.sinks is not None:
         local = q.size(1)
         variant = replace(variant, sinks=variant.sinks.narrow(0, exchange.group.rank * local, local))
-    out = masked_ring_attention(q, k, v, variant, active.ring_group, active.load_balance)
+    out = masked_ring_attention(q, k, v, variant, active.ring_group, active.load_balance, active.documents)
     return back_to_shards(out.transpose(1, 2), exchange)

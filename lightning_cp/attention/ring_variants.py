@@ -51,7 +51,6 @@ def ring_variant(
     window: int | None,
     kwargs: dict[str, Any],
     global_seq_len: int | None,
-    packed: bool,
 ) -> AttentionVariant | None:
     """The :class:`AttentionVariant` the masked ring runs for this call, or ``None`` when torch's SDPA ring runs it.
 
@@ -72,8 +71,6 @@ def ring_variant(
             " ring would have to recompute and does not know (it reproduces the eager attention of"
             f" {sorted(module.rsplit('_', 1)[-1] for module in KNOWN_EAGER_MODULES)})"
         )
-    if packed:
-        _refuse(f"`{name}` {what} on packed documents; the document-masked ring runs plain causal SDPA only")
     if not kwargs.get("is_causal", getattr(module, "is_causal", True)):
         _refuse(f"`{name}` {what} without causal masking; the masked ring is causal only")
     if kwargs.get("dropout"):

@@ -67,6 +67,7 @@ def average_replicated_gradients(module: nn.Module, data_context_mesh: DeviceMes
         flat /= data_context_mesh.size()
         copy_from_flat(grads, flat)
 
+
 def flatten_tensors(tensors: list[torch.Tensor]) -> torch.Tensor:
     """One contiguous 1-D tensor holding ``tensors`` (one dtype and device): one collective instead of many."""
     return torch.cat([tensor.reshape(-1) for tensor in tensors])
