@@ -1,11 +1,12 @@
 """Which CP mechanism runs a model: the ``cp_mode`` option, and what ``"auto"`` picks and why.
 
-* ``"ring"``: torch's ring of key/value shards for plain SDPA attention (causal or per document), any number
-  of heads; sliding windows shorter than the sequence, softcapping, sinks and eager attention (through
-  transformers' attention interface, unpacked rows and packed documents) on the masked ring (Note [windowed ring]).
+* ``"ring"``: torch's ring of key/value shards for plain causal attention (causal or per document), any number
+  of heads, also of eager, flex and flash attention functions; sliding windows shorter than the sequence,
+  softcapping and sinks (through transformers' attention interface, unpacked rows and packed documents) on
+  the masked ring (Note [windowed ring]).
 * ``"ulysses"``: an all-to-all of heads (Note [Ulysses] in :mod:`lightning_cp.attention.ulysses`). Runs
-  the model's own attention function (sdpa or eager) on whole sequences, so windows, softcapping and
-  sinks are exact; the heads must split over the CP ranks.
+  the model's own attention function (sdpa, eager, flex or flash) on whole sequences, so windows, softcapping
+  and sinks are exact; the heads must split over the CP ranks.
 * ``"hybrid"``: Ulysses inside groups of ``ulysses_size`` ranks, the ring (or the masked ring) across them:
   more ranks than heads, for models the ring can run.
 * ``"auto"`` (default): Ulysses when the heads allow it (it moves each token's q/k/v/output once per
@@ -68,8 +69,9 @@ class AttentionTraits:
     def ring_obstacle(self) -> str | None:
         """Why the ring cannot run this module at any length, or ``None``.
 
-        Through transformers' attention interface, eager attention, softcapping, sinks and sliding windows run
-        on the masked ring (Note [windowed ring]; which eager functions it reproduces is checked when they run).
+        Through transformers' attention interface, plain causal eager, flex and flash attention run on SDPA's
+        ring, and softcapping, sinks and sliding windows on the masked ring (Note [windowed ring]; which eager
+        functions it reproduces is checked when they run).
         """
         if self.alibi:
             return f"`{self.name}` adds ALiBi position biases through its attention mask"
@@ -78,7 +80,7 @@ class AttentionTraits:
         ):
             return (
                 f"`{self.name}` attends with attn_implementation={self.implementation!r} (the ring runs SDPA, and"
-                " eager attention through transformers' attention interface)"
+                f" {RING_ATTN_IMPLEMENTATIONS} through transformers' attention interface)"
             )
         if self.softcap is not None and not self.interface:
             return f"`{self.name}` softcaps its logits (softcap={self.softcap}) outside the attention interface"

@@ -31,7 +31,6 @@ from lightning_cp.attention.interface import (
     sliding_window_of,
     uses_attention_interface,
 )
-from lightning_cp.attention.ring_variants import RING_ATTN_IMPLEMENTATIONS
 from lightning_cp.attention.switch import ActiveContextParallel, active_context_parallel
 from lightning_cp.attention.ulysses import ULYSSES_ATTN_IMPLEMENTATIONS
 from lightning_cp.mixers.detect import is_sequence_mixer
@@ -168,8 +167,8 @@ def _check_attn_implementation(name: str, module: nn.Module) -> None:
     if implementation is not None and implementation not in runnable:
         raise ContextParallelInputError(
             f"Attention module `{name}` uses attn_implementation={implementation!r}, which no context-parallel"
-            f" mechanism runs here (through transformers' attention interface the ring runs"
-            f" {RING_ATTN_IMPLEMENTATIONS} and Ulysses {ULYSSES_ATTN_IMPLEMENTATIONS}; outside it, 'sdpa'), so it"
+            f" mechanism runs here (through transformers' attention interface every mode runs"
+            f" {ULYSSES_ATTN_IMPLEMENTATIONS}; outside it, 'sdpa'), so it"
             " would attend only to its own shard. Build the model with `attn_implementation='sdpa'`."
         )
 
@@ -282,7 +281,7 @@ def attach_context_parallel_hooks(model: nn.Module) -> list[str]:
 
     While CP is on, each module drops its mask (the mechanism rebuilds what the whole sequence needs),
     and a module whose forward ends without attention going through the mechanism raises. Mode-agnostic:
-    what a mechanism cannot run (flex attention under the ring, say) is refused when it runs. A
+    what a mechanism cannot run (attention dropout under the ring, say) is refused when it runs. A
     model with attention modules CP cannot reach at all (written by hand, other than Bloom's and MPT's) is refused.
     Sequence mixers that are not attention (gated delta nets, Mamba scans, causal convolutions) are hooked
     too (:func:`~lightning_cp.mixers.hooks.attach_mixer_hooks`): under CP each runs by the mechanism

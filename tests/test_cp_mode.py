@@ -6,6 +6,7 @@ rank before any collective (checked on real gloo ranks where a rank's own shard 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -18,7 +19,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
 from lightning_cp import attach_context_parallel_hooks, make_cp_batch_and_ctx
-from lightning_cp.cp_mode import attention_traits, choose_mechanism, runnable_modes, validate_cp_mode
+from lightning_cp.cp_mode import AttentionTraits, attention_traits, choose_mechanism, runnable_modes, validate_cp_mode
 from lightning_cp.hooks import find_attention_modules
 from lightning_cp.validation import ContextParallelInputError
 
@@ -47,17 +48,34 @@ def test_auto_picks_an_exact_mechanism(name, cp_size, mechanism, ulysses_size):
     assert chosen.reason.startswith("auto:")
 
 
+#: Hand-written attention that softcaps its logits outside transformers' attention interface (the traits of such
+#: a module, as :func:`attention_traits` reads them): the masked ring cannot recompute it, Ulysses runs it.
+SOFTCAP_BY_HAND = AttentionTraits(
+    "layers.0.attn", 4, 2, "sdpa", interface=False, window=None, softcap=30.0, sinks=False
+)
+
+
+def test_flex_and_flash_attention_run_in_every_mode():
+    # plain causal layers on SDPA's ring, windows on the masked ring; 4 heads at cp=8: the hybrid
+    flex = _traits("mistral", attn_implementation="flex_attention")
+    # a flash_attention_2 model cannot be built without the flash_attn package: its traits, as they would read
+    flash = [dataclasses.replace(trait, implementation="flash_attention_2") for trait in _traits("mistral")]
+    for traits in (flex, flash):
+        chosen = choose_mechanism(traits, 8)
+        assert (chosen.name, chosen.ulysses_size) == ("hybrid", 4)
+        assert runnable_modes(traits, 4, seq_len=130) == ["ulysses", "ring", "hybrid(ulysses_size=2)"]
+
+
 def test_auto_refuses_when_no_mechanism_runs_the_model():
-    with pytest.raises(ContextParallelInputError, match=r"'flex_attention'.*only Ulysses could run it, but"):
-        choose_mechanism(_traits("llama", attn_implementation="flex_attention"), 8)
+    with pytest.raises(ContextParallelInputError, match=r"softcaps its logits .* only Ulysses could run it, but"):
+        choose_mechanism([SOFTCAP_BY_HAND], 8)
 
 
 def test_explicit_modes_refuse_what_they_cannot_run_and_name_what_can():
-    flex = _traits("llama", attn_implementation="flex_attention")
-    with pytest.raises(ContextParallelInputError, match=r"cp_mode='ring'.*'flex_attention'.*Use cp_mode='ulysses'"):
-        choose_mechanism(flex, 2, "ring")
-    with pytest.raises(ContextParallelInputError, match=r"cp_mode='hybrid'.*'flex_attention'"):
-        choose_mechanism(flex, 4, "hybrid", 2)
+    with pytest.raises(ContextParallelInputError, match=r"cp_mode='ring'.*softcaps its logits.*Use cp_mode='ulysses'"):
+        choose_mechanism([SOFTCAP_BY_HAND], 2, "ring")
+    with pytest.raises(ContextParallelInputError, match=r"cp_mode='hybrid'.*softcaps its logits"):
+        choose_mechanism([SOFTCAP_BY_HAND], 4, "hybrid", 2)
     with pytest.raises(ContextParallelInputError, match=r"4 query heads do not split over 3.*\[1, 2, 4\]"):
         choose_mechanism(_traits("llama"), 3, "ulysses")
     with pytest.raises(ContextParallelInputError, match="must divide cp_size=4"):

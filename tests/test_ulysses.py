@@ -17,7 +17,7 @@ from models import lm_batch
 from test_packed_training import _unpacked, packed_batch
 
 from lightning_cp import session as session_module
-from lightning_cp.attention import alibi, interface, masked_ring, ulysses
+from lightning_cp.attention import alibi, interface, ledger, masked_ring, ulysses
 from lightning_cp.attention.switch import ulysses_attention
 from lightning_cp.attention.ulysses import UlyssesExchange, UlyssesGroup
 from lightning_cp.mesh import ParallelLayout, build_device_mesh
@@ -66,6 +66,14 @@ def _bypassed(what: str | None) -> Iterator[None]:
             with _patched(alibi, "_mpt_slopes", lambda m: torch.zeros(m.n_heads)):
                 yield
         return
+    elif what == "sdpa-ring":  # plain attention of a non-SDPA function on the local shard (no ring)
+        module, name = interface, "_sdpa_ring"
+
+        def replacement(scale, query, key, value):
+            ledger.record_mechanism_call()  # as the ring would: else the hooks' safety net refuses the forward
+            gqa = query.size(1) != key.size(1)
+            local = torch._C._nn.scaled_dot_product_attention
+            return local(query, key, value, is_causal=True, scale=scale, enable_gqa=gqa).transpose(1, 2)
     elif what == "documents":  # the masked ring attending across the documents of a packed row
         original_plan = masked_ring.plan_document_fetch
 
@@ -113,12 +121,16 @@ class Case:
     packed: bool = False
     #: A part of the mechanism to switch off: the run must then differ from the reference.
     bypass: str | None = None
+    #: The model's attention implementation, when not its zoo default (the reference then attends eagerly: torch
+    #: has no CPU backward for flex_attention).
+    attn: str | None = None
     #: The mechanism expected to run (a run refused with a ``ContextParallelInputError`` records ``"refused"``).
     expected: str = "ulysses"
 
     @property
     def id(self) -> str:
-        parts = [self.model, self.cp_mode, *([str(self.ulysses_size)] if self.ulysses_size else [])]
+        parts = [self.model, *([self.attn] if self.attn else []), self.cp_mode]
+        parts += [str(self.ulysses_size)] if self.ulysses_size else []
         parts += ["packed"] if self.packed else []
         parts += [f"without-{self.bypass}"] if self.bypass else []
         return "-".join(parts)
@@ -126,9 +138,12 @@ class Case:
 
 def _session_parity(rank: int, world_size: int, case: Case) -> dict:
     mesh, data_context = build_device_mesh(ParallelLayout(1, world_size, 1), torch.device("cpu"))
-    model = zoo_model(case.model, **ZOO_OVERRIDES.get(case.model, {}))
+    overrides = {**ZOO_OVERRIDES.get(case.model, {}), **({"attn_implementation": case.attn} if case.attn else {})}
+    model = zoo_model(case.model, **overrides)
     batch = packed_batch() if case.packed else lm_batch(seq_len=130)
     reference = copy.deepcopy(model)
+    if case.attn:
+        reference.set_attn_implementation("eager")
     ref_loss = _reference_loss(reference, batch, case.packed)
     session = ContextParallelSession(mesh, data_context, cp_mode=case.cp_mode, ulysses_size=case.ulysses_size)
     session.prepare_model(model)
@@ -217,6 +232,14 @@ TWO_RANK_CASES = [
     Case("gemma2", "ring", bypass="softcap", expected="ring"),
     Case("gpt_oss", "ring", bypass="sinks", expected="ring"),
     Case("mistral", "ring", packed=True, bypass="documents", expected="ring"),
+    # flex_attention on the ring: plain causal layers on SDPA's ring (the document ring on packed rows), windows
+    # on the masked ring; without the ring the plain layers attend inside the shard
+    *(
+        Case(name, "ring", packed=packed, attn="flex_attention", expected="ring")
+        for name in ("llama", "mistral")
+        for packed in (False, True)
+    ),
+    Case("llama", "ring", attn="flex_attention", bypass="sdpa-ring", expected="ring"),
     # hand-written ALiBi (Bloom, MPT): the module's core under CP (Note [hand-written ALiBi]); negative controls:
     # no bias at all (ring), every rank with the first heads' slopes (Ulysses)
     *(Case(name, mode, expected=mode) for name in ALIBI_MODELS for mode in ("ring", "ulysses")),
@@ -246,6 +269,11 @@ FOUR_RANK_CASES = [
         for packed in (False, True)
     ),
     Case("gpt_oss", "hybrid", 2, packed=True, bypass="documents", expected="hybrid"),
+    *(
+        Case(name, "hybrid", 2, packed=packed, attn="flex_attention", expected="hybrid")
+        for name in ("llama", "gpt_oss")
+        for packed in (False, True)
+    ),
     Case("gpt_oss", "hybrid", 2, bypass="sinks", expected="hybrid"),
     *(Case(name, "hybrid", 2, expected="hybrid") for name in ALIBI_MODELS),
     Case("bloom", "ring", expected="ring"),

@@ -3,7 +3,8 @@
 On CPU, FlexAttention runs forward only (torch has no CPU backward for it), so the CPU cases compare every
 logit of a forward pass with one plain process, on the unfused path; on a CUDA GPU, the compiled kernels'
 loss and every gradient are compared, for flex_attention and (with the ``flash_attn`` package)
-flash_attention_2.
+flash_attention_2, under Ulysses and under the ring (which runs them on SDPA's ring or the masked ring, never
+the kernel itself: their CPU training cases are in tests/test_ulysses.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from test_ulysses import ZOO_OVERRIDES, _averaged_grads, _patched
 from lightning_cp.attention import ulysses
 from lightning_cp.mesh import ParallelLayout, build_device_mesh
 from lightning_cp.session import ContextParallelSession
-from lightning_cp.validation import ContextParallelInputError
 
 CUDA = torch.cuda.is_available()
 try:
@@ -124,29 +124,14 @@ def flex_results() -> list[dict[str, dict]]:
 def test_flex_attention_under_ulysses_gives_every_logit_of_one_process(flex_results, case):
     for by_case in flex_results:
         result = by_case[case.id]
-        assert result["mechanism"] == "ulysses"  # cp_mode="auto": the ring cannot run flex_attention
+        assert result["mechanism"] == "ulysses"  # cp_mode="auto": the heads split
         if case.bypass is None:
             torch.testing.assert_close(result["logits"], result["reference"], rtol=1e-5, atol=1e-5)
         else:
             assert (result["logits"] - result["reference"]).abs().max() > 1e-2, f"exact without the {case.bypass}"
 
 
-def _refused_on_the_ring(rank: int, world_size: int) -> str:
-    mesh, data_context = build_device_mesh(ParallelLayout(1, world_size, 1), torch.device("cpu"))
-    session = ContextParallelSession(mesh, data_context, cp_mode="ring")
-    try:
-        session.prepare_model(zoo_model("llama", attn_implementation="flex_attention"))
-    except ContextParallelInputError as error:
-        return str(error)
-    return "not refused"
-
-
-def test_the_ring_refuses_flex_attention_on_every_rank_and_names_ulysses():
-    for error in run_on_ranks(_refused_on_the_ring):
-        assert "'flex_attention'" in error and "cp_mode='ulysses'" in error, error
-
-
-def _training_parity(rank: int, world_size: int, name: str, attn: str, packed: bool) -> dict:
+def _training_parity(rank: int, world_size: int, name: str, attn: str, packed: bool, cp_mode: str) -> dict:
     torch.cuda.set_device(0)  # two ranks share the one GPU (gloo moves CUDA tensors)
     mesh, data_context = build_device_mesh(ParallelLayout(1, world_size, 1), torch.device("cuda"))
     model = zoo_model(name, attn_implementation=attn, **ZOO_OVERRIDES.get(name, {})).cuda()
@@ -154,7 +139,7 @@ def _training_parity(rank: int, world_size: int, name: str, attn: str, packed: b
     reference = copy.deepcopy(model)
     ref_loss = reference(**batch, use_cache=False).loss
     ref_loss.backward()
-    session = ContextParallelSession(mesh, data_context)
+    session = ContextParallelSession(mesh, data_context, cp_mode=cp_mode)
     session.prepare_model(model)
     local = dict(batch)
     with session.step(local):
@@ -172,19 +157,20 @@ def _training_parity(rank: int, world_size: int, name: str, attn: str, packed: b
 FAMILIES = (("llama", False), ("llama", True), ("mistral", False), ("gemma2", False))
 
 
-def _gpu_case(name: str, attn: str, packed: bool = False):
+def _gpu_case(name: str, attn: str, packed: bool = False, cp_mode: str = "ulysses"):
     flash = attn.startswith("flash")
     missing = not CUDA or (flash and not FLASH_ATTN)
     reason = "needs a CUDA GPU" + (" and the flash_attn package" if flash else "")
-    return pytest.param(name, attn, packed, marks=pytest.mark.skipif(missing, reason=reason))
+    return pytest.param(name, attn, packed, cp_mode, marks=pytest.mark.skipif(missing, reason=reason))
 
 
 #: flex_attention with gradients (CUDA has its backward), sinks included (gpt-oss, from the kernel's LSE);
-#: flash_attention_2 with its own window and softcap, one document per call on packed rows.
+#: flash_attention_2 with its own window and softcap, one document per call on packed rows; and on the ring.
 GPU_CASES = [
     *(_gpu_case(name, "flex_attention", packed) for name, packed in FAMILIES),
     _gpu_case("gpt_oss", "flex_attention"),
     *(_gpu_case(name, "flash_attention_2", packed) for name, packed in FAMILIES),
+    *(_gpu_case(name, "flash_attention_2", packed, "ring") for name, packed in FAMILIES),
 ]
 
 #: Tolerances on (loss, gradients): fp32 for flex_attention; flash attention computes in half precision
@@ -192,11 +178,11 @@ GPU_CASES = [
 TOLERANCES = {"flex_attention": (1e-5, 1e-4), "flash_attention_2": (1e-3, 2e-2)}
 
 
-@pytest.mark.parametrize("name,attn,packed", GPU_CASES)
-def test_gpu_kernels_under_ulysses_train_like_one_process(name, attn, packed):
+@pytest.mark.parametrize("name,attn,packed,cp_mode", GPU_CASES)
+def test_gpu_kernels_under_cp_train_like_one_process(name, attn, packed, cp_mode):
     loss_rtol, grad_rtol = TOLERANCES[attn]
-    for result in run_on_ranks(_training_parity, name, attn, packed, timeout=900):
-        assert result["mechanism"] == "ulysses"
+    for result in run_on_ranks(_training_parity, name, attn, packed, cp_mode, timeout=900):
+        assert result["mechanism"] == cp_mode
         torch.testing.assert_close(result["loss"], result["ref_loss"], rtol=loss_rtol, atol=0)
         for parameter_name, ref in result["ref_grads"].items():
             grad = result["grads"][parameter_name]

@@ -7,13 +7,13 @@ there, so every function the module picks — SDPA, its own eager function with 
 comes back wrapped by :func:`_through_cp`. Outside CP, and for modules the hooks did not prepare, the
 wrapper calls the function unchanged; under CP it runs the function through the active mechanism:
 
-* ring: the function as it is (its SDPA call is the ring's) for plain causal SDPA; a sliding window shorter
-  than the sequence, softcapping, sinks or eager attention on the masked ring instead, unpacked rows and packed
-  documents alike (Note [windowed ring];
+* ring: the function as it is (its SDPA call is the ring's) for plain causal SDPA; plain causal eager, flex or
+  flash attention on SDPA's ring; a sliding window shorter than the sequence, softcapping or sinks on the masked
+  ring instead, unpacked rows and packed documents alike (Note [windowed ring];
   :mod:`~lightning_cp.attention.ring_variants` says which functions it reproduces, and refuses the rest);
 * Ulysses: the function on whole sequences for this rank's heads (Note [Ulysses]);
-* hybrid: Ulysses inside the group, then the function's SDPA call runs the ring across groups (or, for
-  the variants above, the masked ring across groups on this rank's heads).
+* hybrid: Ulysses inside the group, then the function's SDPA call (or SDPA called in its place) runs the ring
+  across groups (or, for the variants above, the masked ring across groups on this rank's heads).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lightning_cp.attention.ledger import record_mechanism_call
@@ -125,12 +126,24 @@ def _run_under_cp(
     window = kwargs["sliding_window"] if "sliding_window" in kwargs else sliding_window_of(module)
     if active.mechanism != "ulysses":
         variant = ring_variant(original, implementation, module, query, window, kwargs, active.global_seq_len)
+        if variant is not None and variant.plain:
+            return _sdpa_ring(variant.scale, query, key, value), None
         if variant is not None:
             return _masked_ring(active, variant, module, query, key, value), None
     if active.mechanism == "ring":  # the function's SDPA call is the ring's, which records itself
         return original(module, query, key, value, attention_mask, **kwargs)
     assert active.ulysses is not None
     return run_attention_function(original, implementation, active.ulysses, window, module, query, key, value, **kwargs)
+
+
+def _sdpa_ring(scale: float, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``[B, s, H, D]``: plain causal attention of ``[B, H, s, D]`` shards by the SDPA that CP switched on (the
+    ring, the document-masked ring, or the hybrid's Ulysses around them), for a function that does not call SDPA
+    itself (eager, flex_attention, flash attention): the same attention, computed by the ring's kernels."""
+    gqa = query.size(1) != key.size(1)
+    return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=gqa).transpose(
+        1, 2
+    )
 
 
 def _masked_ring(

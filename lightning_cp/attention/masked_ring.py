@@ -66,6 +66,11 @@ class AttentionVariant:
     #: ``[heads]`` ALiBi slopes: ``slope · (k - q)`` added to the scores (Bloom, MPT; Note [hand-written ALiBi]).
     alibi_slopes: torch.Tensor | None = None
 
+    @property
+    def plain(self) -> bool:
+        """Plain causal softmax attention (only a scale): what SDPA's ring computes."""
+        return self.window is None and self.softcap is None and self.sinks is None and self.alibi_slopes is None
+
 
 @dataclass(frozen=True)
 class FetchPlan:

@@ -1,12 +1,16 @@
-"""Which Hugging Face attention calls the ring runs as they are, which on the masked ring, and which it refuses.
+"""Which Hugging Face attention calls the ring runs on torch's SDPA ring, which on the masked ring, which it refuses.
 
 Under the ring (and across the groups of the hybrid) an attention function's own SDPA call runs on torch's
-ring when it is plain causal SDPA. A sliding window shorter than the sequence, logit softcapping, attention
-sinks and eager attention run on the masked ring instead (Note [windowed ring] in
-:mod:`lightning_cp.attention.masked_ring`), which recomputes the function from its keyword arguments. That is
-exact only for functions whose computation is known: SDPA, and the eager functions of the families listed in
-:data:`KNOWN_EAGER_MODULES` (read from transformers 5.25: ``scaling · q·kᵀ``, optional ``softcap``, the mask,
-an fp32 softmax — with gpt-oss's sink column — and ``p·v``). Anything else is refused with the reason.
+ring when it is plain causal SDPA. Plain causal attention of any other implementation (eager, flex_attention,
+flash attention: the same softmax attention, computed by another kernel) runs on SDPA's ring as well, called
+with the function's scale, its mask rebuilt by the ring from positions (causal, per document). A sliding
+window shorter than the sequence, logit softcapping and attention sinks run on the masked ring instead (Note
+[windowed ring] in :mod:`lightning_cp.attention.masked_ring`), which recomputes the function from its keyword
+arguments. That is exact only for functions whose computation is known: SDPA, transformers' flex_attention
+and flash attention functions (score terms read from their keyword arguments: scaling, window, softcap,
+sinks), and the eager functions of the families listed in :data:`KNOWN_EAGER_MODULES` (read from transformers
+5.25: ``scaling · q·kᵀ``, optional ``softcap``, the mask, an fp32 softmax — with gpt-oss's sink column — and
+``p·v``). Anything else is refused with the reason.
 """
 
 from __future__ import annotations
@@ -18,20 +22,24 @@ import torch
 from torch import nn
 
 from lightning_cp.attention.masked_ring import AttentionVariant
+from lightning_cp.attention.ulysses import SHARD_LAYOUT_KWARGS, ULYSSES_ATTN_IMPLEMENTATIONS
 from lightning_cp.validation import ContextParallelInputError
 
-#: Attention implementations whose function the ring (alone or in the hybrid) runs: SDPA's ring, or the masked ring.
-RING_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+#: Attention implementations whose function the ring (alone or in the hybrid) runs, on SDPA's ring or the
+#: masked ring: every one Ulysses runs.
+RING_ATTN_IMPLEMENTATIONS = ULYSSES_ATTN_IMPLEMENTATIONS
 
 #: Modeling modules whose ``eager_attention_forward`` the masked ring reproduces exactly (each read).
 KNOWN_EAGER_MODULES: frozenset[str] = frozenset(
     f"transformers.models.{family}.modeling_{family}"
     for family in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt_oss")
 )
-#: Keyword arguments of an attention function that the masked ring reads, or that do not change attention.
+#: Keyword arguments of an attention function that the ring reads, that do not change attention, or that
+#: describe this rank's shard to flash attention (the ring takes the documents from the batch's layout).
 _UNDERSTOOD = frozenset(
     {"dropout", "scaling", "sliding_window", "softcap", "s_aux", "is_causal"}
-    | {"position_ids", "cache_position", "use_cache", "output_attentions", "output_router_logits"}
+    | {"cache_position", "use_cache", "output_attentions", "output_router_logits"}
+    | set(SHARD_LAYOUT_KWARGS)
 )
 
 
@@ -52,7 +60,9 @@ def ring_variant(
     kwargs: dict[str, Any],
     global_seq_len: int | None,
 ) -> AttentionVariant | None:
-    """The :class:`AttentionVariant` the masked ring runs for this call, or ``None`` when torch's SDPA ring runs it.
+    """What the ring runs for this call: ``None`` when the function's own SDPA call runs torch's ring, else the
+    :class:`AttentionVariant` to run, on SDPA's ring when it is plain (:attr:`AttentionVariant.plain`) or else on
+    the masked ring.
 
     Raises :class:`ContextParallelInputError` (the same on every rank: it reads the module and the call) when
     neither ring can run it exactly, naming why and what would.
@@ -64,7 +74,10 @@ def ring_variant(
         return None
     what = _describe(implementation, window if windowed else None, softcap, sinks)
     if implementation not in RING_ATTN_IMPLEMENTATIONS:
-        _refuse(f"`{name}` attends with attn_implementation={implementation!r}; the ring runs 'sdpa' and 'eager'")
+        raise ContextParallelInputError(  # set after the hooks checked it: no mode knows the function
+            f"`{name}` attends with attn_implementation={implementation!r}; the ring and Ulysses run"
+            f" {RING_ATTN_IMPLEMENTATIONS}. Build the model with `attn_implementation='sdpa'`."
+        )
     if implementation == "eager" and getattr(original, "__module__", None) not in KNOWN_EAGER_MODULES:
         _refuse(
             f"`{name}` attends with the eager function of `{getattr(original, '__module__', original)}`, which the"
@@ -77,10 +90,10 @@ def ring_variant(
         _refuse(f"`{name}` uses attention dropout ({kwargs['dropout']}); set the model's attention dropout to 0")
     unknown = sorted(key for key, value in kwargs.items() if key not in _UNDERSTOOD and value is not None)
     if unknown:
-        _refuse(f"`{name}` {what} and passes {unknown} to its attention function, which the masked ring does not read")
+        _refuse(f"`{name}` {what} and passes {unknown} to its attention function, which the ring does not read")
     scaling = kwargs.get("scaling")
     scale = query.size(-1) ** -0.5 if scaling is None else float(scaling)
-    return AttentionVariant(scale, window, softcap, sinks)
+    return AttentionVariant(scale, window if windowed else None, softcap, sinks)
 
 
 def _describe(implementation: str, window: int | None, softcap: float | None, sinks: torch.Tensor | None) -> str:

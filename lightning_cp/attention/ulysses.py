@@ -56,7 +56,7 @@ ULYSSES_ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", *FLASH_ATTN_I
 
 #: Keyword arguments that describe this rank's shard to flash attention (packed rows found from position ids):
 #: under Ulysses each call gets one whole document instead.
-_SHARD_LAYOUT_KWARGS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+SHARD_LAYOUT_KWARGS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 #: Per row (or one entry for all rows), the ``(start, end)`` spans of the documents of the ordered sequence.
 Spans = tuple[tuple[tuple[int, int], ...], ...]
@@ -295,7 +295,7 @@ def run_attention_function(
         case "flex_attention":
             out = attend(q, k, v, _flex_block_mask(exchange.spans, q.size(0), q.size(2), causal, window, q.device))
         case _ if implementation in FLASH_ATTN_IMPLEMENTATIONS:
-            kwargs = {name: value for name, value in kwargs.items() if name not in _SHARD_LAYOUT_KWARGS}
+            kwargs = {name: value for name, value in kwargs.items() if name not in SHARD_LAYOUT_KWARGS}
             out = _attend_spans(attend, q, k, v, exchange.spans, causal, None, None)
         case _:
             raise ContextParallelInputError(
