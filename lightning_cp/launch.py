@@ -8,6 +8,7 @@ back to the caller, an exception on a rank is re-raised with its traceback, and 
 from __future__ import annotations
 
 import os
+import random
 import socket
 import sys
 import tempfile
@@ -21,9 +22,27 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+#: Where :func:`free_port` looks first: below Linux's default ephemeral range (32768-60999).
+_LISTEN_PORTS = range(20000, 32768)
+
 
 def free_port() -> int:
-    """A TCP port on the loopback interface that is free right now."""
+    """A TCP port on the loopback interface that is free right now, for a job's store to listen on.
+
+    Chosen outside the kernel's ephemeral range when it can be: a port the kernel handed out would be free
+    again at once, and until the store binds it any outgoing connection on the machine (another job's gloo
+    pairs, a store client) may be given it; the ranks then connect to the wrong peer ("Connection reset by
+    peer") and wait for a store that never answers.
+    """
+    generator = random.Random()  # not the global generator: the caller's seeding must not make ports collide
+    for _ in range(64):
+        port = generator.choice(_LISTEN_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

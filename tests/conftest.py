@@ -17,7 +17,11 @@ def _same_training(run: dict, reference: dict, model_name: str = "llama", **mode
     torch.testing.assert_close(run["losses"], reference["losses"], rtol=1e-5, atol=0)
     assert run["weights"].keys() == reference["weights"].keys()
     for name, weight in reference["weights"].items():
-        torch.testing.assert_close(run["weights"][name], weight, rtol=1e-4, atol=1e-6, msg=name)
+        # Elements near 0 are compared at 1e-4 of the tensor's largest, not of their own size: after 5 steps the
+        # rounding of a different summation order reaches 3e-4 of a few tiny embedding entries (Gemma 3, packed,
+        # on an AMD EPYC), while a missing or doubled contribution moves whole rows by far more.
+        atol = max(1e-6, 1e-4 * float(weight.abs().max()))
+        torch.testing.assert_close(run["weights"][name], weight, rtol=1e-4, atol=atol, msg=name)
     initial = zoo_model(model_name, **model_overrides).state_dict()
     moved = max((run["weights"][k] - initial[k]).abs().max() for k in run["weights"])
     assert moved > 1e-3, "the weights must have changed, or the comparison proves nothing"

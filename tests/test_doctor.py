@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -145,22 +143,20 @@ def test_hf_labels_helper_matches_models_shift():
     assert next_token_labels(ids).tolist() == [[2, 3, -100]]
 
 
-def _doctor_command_line(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lightning_cp", "doctor", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
-    )
+def _doctor_command_line(capsys, *args: str) -> tuple[int, str]:
+    """The doctor's command line run in this process (its ranks from the pool): exit code and what it printed.
+    ``test_command_line_reports_exact_on_a_config`` launches ``python -m lightning_cp`` itself."""
+    from lightning_cp.__main__ import main
+
+    code = main(["doctor", *args])
+    return code, capsys.readouterr().out
 
 
-@pytest.mark.slow  # a fresh launch of the doctor's command line
-def test_command_line_names_the_cause_for_a_factory_module():
-    result = _doctor_command_line("--module", "models:llama_with_sdpa_imported_by_name", "--cp-mode", "ring")
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "verdict: NOT EXACT" in result.stdout
-    assert "likely cause [local_attention]" in result.stdout
+def test_command_line_names_the_cause_for_a_factory_module(capsys):
+    code, out = _doctor_command_line(capsys, "--module", "models:llama_with_sdpa_imported_by_name", "--cp-mode", "ring")
+    assert code == 1, out
+    assert "verdict: NOT EXACT" in out
+    assert "likely cause [local_attention]" in out
 
 
 def test_bad_arguments_are_refused_before_any_process_starts():
@@ -172,15 +168,14 @@ def test_bad_arguments_are_refused_before_any_process_starts():
         main(["doctor", "--module", "models"])
 
 
-@pytest.mark.slow  # a fresh launch of the doctor's command line
-def test_command_line_checks_a_model_that_is_not_from_hugging_face_with_its_own_loss():
+def test_command_line_checks_a_model_that_is_not_from_hugging_face_with_its_own_loss(capsys):
     model = ("--module", "plain_lm:plain_causal_lm", "--loss", "plain_lm:plain_lm_loss", "--vocab-size", "64")
-    result = _doctor_command_line(*model, "--seq-len", "64")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "verdict: EXACT within tolerance" in result.stdout
-    assert "attention calls under CP: 2, through the CP mechanism: 2" in result.stdout
-    assert "attention by ring over 2 ranks: auto" in result.stdout  # its heads are not declared: the ring
-    assert "layers.0.self_attn" in result.stdout
+    code, out = _doctor_command_line(capsys, *model, "--seq-len", "64")
+    assert code == 0, out
+    assert "verdict: EXACT within tolerance" in out
+    assert "attention calls under CP: 2, through the CP mechanism: 2" in out
+    assert "attention by ring over 2 ranks: auto" in out  # its heads are not declared: the ring
+    assert "layers.0.self_attn" in out
 
 
 def test_command_line_asks_for_the_loss_of_a_model_that_is_not_from_hugging_face(capsys):

@@ -208,6 +208,9 @@ ZOO_OVERRIDES = {"gemma2": {"initializer_range": 0.2}}
 #: layers), eager attention with softcapping (Gemma 2), eager attention with sinks and windows (gpt-oss).
 VARIANT_MODELS = ("mistral", "gemma3", "gemma2", "gpt_oss")
 
+#: Multi-query attention (one key/value head): through the interface (GPTBigCode), by SDPA broadcasting (Falcon).
+MQA_MODELS = ("gpt_bigcode", "falcon")
+
 #: Hand-written ALiBi attention.
 ALIBI_MODELS = ("bloom", "mpt")
 
@@ -222,6 +225,7 @@ TWO_RANK_CASES = [
         for packed in (False, True)
     ),
     *(Case(name) for name in ("qwen2", "mistral", "gemma2", "gemma3", "gpt_oss", "gpt_bigcode", "falcon")),
+    *(Case(name, packed=True) for name in (*VARIANT_MODELS, *MQA_MODELS)),
     Case("llama", "ulysses", bypass="order"),
     Case("mistral", "ulysses", bypass="window"),
     # the ring runs every variant on unpacked rows and packed documents (the masked ring, Note [windowed ring]);
@@ -232,6 +236,7 @@ TWO_RANK_CASES = [
     Case("gemma2", "ring", bypass="softcap", expected="ring"),
     Case("gpt_oss", "ring", bypass="sinks", expected="ring"),
     Case("mistral", "ring", packed=True, bypass="documents", expected="ring"),
+    *(Case(name, "ring", packed=packed, expected="ring") for name in MQA_MODELS for packed in (False, True)),
     # flex_attention on the ring: plain causal layers on SDPA's ring (the document ring on packed rows), windows
     # on the masked ring; without the ring the plain layers attend inside the shard
     *(
@@ -258,9 +263,12 @@ FOUR_RANK_CASES = [
         for mode, size in (("hybrid", 2), ("ring", None))
         for packed in (False, True)
     ),
-    Case("gpt_bigcode", "hybrid", 2, expected="hybrid"),
-    Case("falcon", "hybrid", 2, expected="hybrid"),
-    Case("falcon", "ring", expected="ring"),
+    *(
+        Case(name, mode, size, packed=packed, expected=mode)
+        for name in MQA_MODELS
+        for mode, size in (("hybrid", 2), ("ring", None))
+        for packed in (False, True)
+    ),
     Case("llama", "hybrid", 2, bypass="order", expected="hybrid"),
     *(
         Case(name, mode, size, packed=packed, expected=mode)

@@ -17,28 +17,30 @@ from common import TESTS_DIR
 pytestmark = pytest.mark.slow  # fresh processes: the interpreter's own exit is what is checked
 
 
-def _end_a_rank(*args: str, timeout: float = 60) -> tuple[float, bool, str]:
-    result = subprocess.run(
-        [sys.executable, str(TESTS_DIR / "scripts" / "watchdog_slow_store.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    log = result.stdout + result.stderr
-    assert result.returncode == 0 and "terminate called" not in log, log
-    found = re.search(r"stop\(\) took ([0-9.]+) s; thread alive after stop\(\): (True|False)", log)
-    assert found, log
-    return float(found[1]), found[2] == "True", log
+def _end_ranks(*cases: tuple[str, ...], timeout: float = 60) -> list[tuple[float, bool, str]]:
+    """Run the script once per case, all at once (they mostly wait); per case, how long ``stop()`` took, whether
+    the thread was still in its call after it, and the log."""
+    script = str(TESTS_DIR / "scripts" / "watchdog_slow_store.py")
+    runs = [
+        subprocess.Popen([sys.executable, script, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for args in cases
+    ]
+    results = []
+    for run in runs:
+        log = run.communicate(timeout=timeout)[0]
+        assert run.returncode == 0 and "terminate called" not in log, log
+        found = re.search(r"stop\(\) took ([0-9.]+) s; thread alive after stop\(\): (True|False)", log)
+        assert found, log
+        results.append((float(found[1]), found[2] == "True", log))
+    return results
 
 
-def test_a_slow_store_host_is_waited_for_before_the_rank_exits():
-    took, alive, log = _end_a_rank("--freeze", "5")
-    assert not alive and took > 2, log  # the host thawed 3.5 s into stop(): the thread came back first
-
-
-def test_a_store_host_that_never_answers_delays_the_exit_by_a_bounded_time_only():
+def test_the_rank_exits_after_a_slow_store_host_and_after_one_that_never_answers():
     try:
-        took, alive, log = _end_a_rank("--freeze", "0", "--stop-timeout", "2")
+        slow, never = _end_ranks(("--freeze", "5"), ("--freeze", "0", "--stop-timeout", "2"))
     finally:
         subprocess.run(["pkill", "-KILL", "-f", "watchdog_slow_store_host"], check=False)
+    took, alive, log = slow
+    assert not alive and took > 2, log  # the host thawed 3.5 s into stop(): the thread came back first
+    took, alive, log = never
     assert alive and took < 5, log  # the thread is left in its call; the rank does not write to the host either

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,18 +22,14 @@ time.sleep(120)
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--freeze", type=float, default=3.0)
     parser.add_argument("--stop-timeout", type=float, default=None)
     args = parser.parse_args()
-    port = _free_port()
+    from lightning_cp.launch import free_port
+
+    port = free_port()
     host = subprocess.Popen(
         [sys.executable, "-c", HOST, str(port)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     )
