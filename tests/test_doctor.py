@@ -29,7 +29,7 @@ from lightning_cp.doctor import check
 def _ranks_from_the_pool(request, monkeypatch):
     """The doctor's ranks come from the suite's live group (tests/rank_pool.py) instead of fresh processes:
     the same real gloo ranks, started once. A test whose model factory changes its process for good (registers
-    an attention function) is marked ``fresh_processes``; the command-line tests run the doctor on their own."""
+    an attention function) is marked ``fresh_processes``; one command-line test launches the doctor on its own."""
     if request.node.get_closest_marker("fresh_processes") is None:
         monkeypatch.setattr("lightning_cp.doctor.run_on_local_ranks", run_in_pool)
     else:
@@ -152,6 +152,7 @@ def _doctor_command_line(capsys, *args: str) -> tuple[int, str]:
     return code, capsys.readouterr().out
 
 
+@pytest.mark.fresh_processes  # the factory registers an attention function that calls an SDPA imported by name
 def test_command_line_names_the_cause_for_a_factory_module(capsys):
     code, out = _doctor_command_line(capsys, "--module", "models:llama_with_sdpa_imported_by_name", "--cp-mode", "ring")
     assert code == 1, out
