@@ -214,3 +214,20 @@ def save_plot(path: str, draw: Callable[[object], None]) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     print(f"plot written to {path}", flush=True)
+
+
+def save_measured_against_theory(
+    path: str, bars: Sequence[tuple[str, float, float]], measured: str, theory: str, ylabel: str, title: str
+) -> None:
+    """A PNG at ``path`` of paired bars, ``(label, measured, theory)`` each: what a script counted beside its theory."""
+
+    def draw(figure: object) -> None:
+        axes = figure.subplots()
+        positions = range(len(bars))
+        axes.bar([p - 0.2 for p in positions], [b[1] for b in bars], 0.4, label=measured)
+        axes.bar([p + 0.2 for p in positions], [b[2] for b in bars], 0.4, label=theory)
+        axes.set_xticks(list(positions), [b[0] for b in bars])
+        axes.set(ylabel=ylabel, title=title)
+        axes.legend()
+
+    save_plot(path, draw)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import backend_for, print_table, rank_device, save_plot  # noqa: E402
+from common import backend_for, print_table, rank_device, save_measured_against_theory  # noqa: E402
 
 from lightning_cp.attention import masked_ring  # noqa: E402
 from lightning_cp.attention.masked_ring import AttentionVariant, masked_ring_attention  # noqa: E402
@@ -138,17 +138,14 @@ def main() -> None:
         rows,
     )
     if args.plot:
-
-        def draw(figure: object) -> None:
-            axes = figure.subplots()
-            positions = range(len(bars))
-            axes.bar([p - 0.2 for p in positions], [b[1] for b in bars], 0.4, label="measured K,V (forward)")
-            axes.bar([p + 0.2 for p in positions], [b[2] for b in bars], 0.4, label="theory")
-            axes.set_xticks(list(positions), [b[0] for b in bars])
-            axes.set(ylabel="MiB received per rank", title="masked ring traffic per attention layer")
-            axes.legend()
-
-        save_plot(args.plot, draw)
+        save_measured_against_theory(
+            args.plot,
+            bars,
+            "measured K,V (forward)",
+            "theory",
+            "MiB received per rank",
+            "masked ring traffic per attention layer",
+        )
 
 
 if __name__ == "__main__":

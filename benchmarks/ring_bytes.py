@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import backend_for, count_ring_rotations, print_table, rank_device, save_plot  # noqa: E402
+from common import backend_for, count_ring_rotations, print_table, rank_device, save_measured_against_theory  # noqa: E402
 
 import lightning_cp  # noqa: E402,F401  (installs the CPU ring)
 from lightning_cp.attention.switch import ring_attention  # noqa: E402
@@ -102,17 +102,14 @@ def main() -> None:
         rows,
     )
     if args.plot:
-
-        def draw(figure: object) -> None:
-            axes = figure.subplots()
-            positions = range(len(bars))
-            axes.bar([p - 0.2 for p in positions], [b[1] for b in bars], 0.4, label="measured K,V")
-            axes.bar([p + 0.2 for p in positions], [b[2] for b in bars], 0.4, label="theory 2(cp−1)/cp·KV")
-            axes.set_xticks(list(positions), [b[0] for b in bars])
-            axes.set(ylabel="MiB received per rank", title="ring traffic per attention layer")
-            axes.legend()
-
-        save_plot(args.plot, draw)
+        save_measured_against_theory(
+            args.plot,
+            bars,
+            "measured K,V",
+            "theory 2(cp−1)/cp·KV",
+            "MiB received per rank",
+            "ring traffic per attention layer",
+        )
 
 
 if __name__ == "__main__":
