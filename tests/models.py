@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 from torch.nn.functional import scaled_dot_product_attention as sdpa_imported_by_name
@@ -93,3 +96,33 @@ def llama_with_hand_written_mixer() -> torch.nn.Module:
     layer = model.model.layers[0]
     layer.mlp = torch.nn.Sequential(layer.mlp, RunningMeanMixer())
     return model
+
+
+@contextmanager
+def uncompiled_flex() -> Iterator[None]:
+    """flex_attention and its block masks without ``torch.compile`` (transformers' and ``lightning_cp``'s): the same
+    mask and score functions on the unfused path, the same masks evaluated densely.
+
+    On CPU, compiling takes seconds for every model and length: about 30 s for the first kernel and 7 s for each
+    further one, 8 s for each block mask, on every rank (and Inductor's CPU kernel fails to compile once a second
+    length makes it dynamic: torch 2.13, "'cur_qSplitSize1' was not declared", with or without CP). The compiled
+    kernel and masks are checked on CUDA (``tests/test_ulysses_kernels.py``).
+    """
+    from torch.nn.attention import flex_attention as torch_flex
+    from transformers import masking_utils
+    from transformers.integrations import flex_attention as hf_flex
+
+    def uncompiled_block_mask(*args, **kwargs):
+        return create_block_mask(*args, **{**kwargs, "_compile": False})
+
+    compiled_attention = hf_flex.compile_friendly_flex_attention
+    create_block_mask = torch_flex.create_block_mask
+    hf_flex.compile_friendly_flex_attention = lambda query, key, value, training=False, **kwargs: (
+        torch_flex.flex_attention(query, key, value, **kwargs)
+    )
+    torch_flex.create_block_mask = masking_utils.create_block_mask = uncompiled_block_mask
+    try:
+        yield
+    finally:
+        hf_flex.compile_friendly_flex_attention = compiled_attention
+        torch_flex.create_block_mask = masking_utils.create_block_mask = create_block_mask

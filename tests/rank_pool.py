@@ -10,8 +10,9 @@ starts fresh processes with ``run_on_local_ranks`` instead (the doctor's tests m
 
 A case that fails on some ranks while the others wait in a collective, a case past its timeout, or a rank
 that died leaves the group unusable: it is killed, the case is reported by name with each rank's
-traceback, and the next case gets a fresh group. So does the case after one that left the ranks holding
-many process groups (``_MAX_PROCESS_GROUPS``).
+traceback, and the next case gets a fresh group. The process groups a case created (its device meshes) are
+destroyed after it: each holds a gloo thread that wakes every 10 ms (200 of them kept an idle rank at a fifth of
+a core on the 2-core CI machine; destroyed, at 0.5 %), and the cases ahead would pay for it.
 
 The Trainer and Fabric scripts of ``tests/scripts`` run here too (:func:`run_script_in_pool`): Lightning, finding
 ``LOCAL_RANK`` set and the process group initialized, takes the ranks as a launcher of one's own started them.
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import atexit
 import gc
+import hashlib
+import itertools
 import os
 import queue
 import runpy
@@ -45,27 +48,28 @@ from lightning_cp.launch import free_port
 
 #: After one rank fails, how long the others get to finish (or fail) before the group counts as stuck.
 _GRACE_S = 10.0
-#: A group whose ranks hold more process groups than this is replaced after its case. Cases create groups
-#: (device meshes) that live as long as the process, and each keeps a gloo thread that wakes every 10 ms:
-#: hundreds of them would take a core from every later case.
-_MAX_PROCESS_GROUPS = 40
 
 
 def _serve(rank: int, world_size: int, port: int, threads: int, tasks: Any, results: Any) -> None:
     """A rank of a live group: run the cases it is sent until it is sent ``None``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
+    # torch names a subgroup by its ranks salted with the number of live groups: once a case's groups are
+    # destroyed, the next case's groups would take their names and read their dead addresses from the store
+    # (gloo: "Connection refused"). Salt with the groups created so far, as newer torch does (pytorch#189073)
+    dist.distributed_c10d._hash_ranks_to_str = _group_name_never_reused
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
     while (task := tasks.get()) is not None:
         fn, args = task
         try:
-            # CUDA tensors would cross as CUDA IPC handles that die with the case: results travel on the CPU
-            result = tree_map(lambda x: x.cpu() if torch.is_tensor(x) else x, fn(rank, world_size, *args))
-            results.put((rank, True, result, _rank_state()))
+            with new_process_groups_destroyed():
+                # CUDA tensors would cross as CUDA IPC handles that die with the case: results travel on the CPU
+                result = fn(rank, world_size, *args)
+                outcome = True, tree_map(lambda x: x.cpu() if torch.is_tensor(x) else x, result)
         except BaseException:  # noqa: BLE001 - reported to the test, which raises it
-            results.put((rank, False, traceback.format_exc(), _rank_state()))
-        finally:
-            gc.collect()
+            outcome = False, traceback.format_exc()
+        gc.collect()
+        results.put((rank, *outcome, _collectives_run()))
     dist.destroy_process_group()
     # skip interpreter teardown, where gloo's threads now and then abort a finished process (lightning_cp.launch)
     sys.stdout.flush()
@@ -73,11 +77,32 @@ def _serve(rank: int, world_size: int, port: int, threads: int, tasks: Any, resu
     os._exit(0)
 
 
-def _rank_state() -> tuple[int, int]:
-    """What decides whether a rank can take the next case: the process groups it holds, and how many
-    collectives it ran on the default group (the one group cases share)."""
-    default_group = dist.distributed_c10d._get_default_group()
-    return len(dist.distributed_c10d._world.pg_map), default_group._get_sequence_number_for_group()
+_groups_named = itertools.count()
+
+
+def _group_name_never_reused(ranks: list[int]) -> str:
+    """A subgroup's name from its ranks and how many subgroups this rank named before (the same on every rank:
+    the ranks run the same cases)."""
+    return hashlib.sha1(f"{'_'.join(map(str, ranks))}_{next(_groups_named)}".encode()).hexdigest()
+
+
+@contextmanager
+def new_process_groups_destroyed() -> Iterator[None]:
+    """Destroy, on leaving, the process groups created inside: a case's device meshes (a peer still waiting in
+    one of them gets an error, not a hang). Cases that run many models in one call wrap each in it."""
+    groups_before = set(dist.distributed_c10d._world.pg_map)
+    try:
+        yield
+    finally:
+        for group in list(dist.distributed_c10d._world.pg_map):
+            if group not in groups_before:
+                dist.destroy_process_group(group)
+
+
+def _collectives_run() -> int:
+    """How many collectives this rank ran on the default group (the one group cases share): ranks that differ
+    are out of step, and the next case's collectives would pair up wrongly."""
+    return dist.distributed_c10d._get_default_group()._get_sequence_number_for_group()
 
 
 class RankGroup:
@@ -88,8 +113,6 @@ class RankGroup:
         self.world_size = world_size
         self._tasks = [context.SimpleQueue() for _ in range(world_size)]
         self._results = context.Queue()
-        #: The most process groups a rank of this group held after a case.
-        self.process_groups = 1
         #: Whether every rank ran as many collectives on the default group: a case that failed on some ranks
         #: may leave them out of step, and the next case's collectives would then pair up wrongly.
         self.in_step = True
@@ -118,7 +141,7 @@ class RankGroup:
         for tasks in self._tasks:
             tasks.put((fn, args))
         outcomes: dict[int, tuple[bool, Any]] = {}
-        states: dict[int, tuple[int, int]] = {}
+        collectives: dict[int, int] = {}
         deadline = time.monotonic() + timeout
         while len(outcomes) < self.world_size:
             now = time.monotonic()
@@ -128,18 +151,16 @@ class RankGroup:
                     break  # some ranks failed, the others are stuck in a collective: report the failures
                 raise TimeoutError(f"{_case(fn)} did not finish on {self.world_size} ranks within {timeout:.0f} s")
             try:
-                rank, ok, payload, state = self._results.get(timeout=min(1.0, deadline - now))
+                rank, ok, payload, collectives[rank] = self._results.get(timeout=min(1.0, deadline - now))
             except queue.Empty:
                 if not self.alive():
                     self.close(kill=True)
                     raise RuntimeError(f"a rank died while running {_case(fn)}") from None
                 continue
             outcomes[rank] = (ok, payload)
-            states[rank] = state
             if not ok:
                 deadline = min(deadline, time.monotonic() + _GRACE_S)
-        self.process_groups = max(count for count, _ in states.values())
-        self.in_step = len({collectives for _, collectives in states.values()}) == 1
+        self.in_step = len(set(collectives.values())) == 1
         failures = {rank: payload for rank, (ok, payload) in outcomes.items() if not ok}
         if failures:
             if len(outcomes) < self.world_size:
@@ -179,7 +200,7 @@ def run_in_pool(fn: Callable[..., Any], *args: Any, world_size: int = 2, timeout
     finally:
         if not group.alive():
             _groups.pop(world_size, None)
-        elif group.process_groups > _MAX_PROCESS_GROUPS or not group.in_step:
+        elif not group.in_step:
             discard_group(world_size)
 
 

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from distributed_harness import run_on_ranks
+from distributed_harness import run_on_ranks, summed_gradients
 from models import DEVICES, lm_batch, tiny_causal_lm
 from torch.distributed.device_mesh import init_device_mesh
 
@@ -31,15 +31,6 @@ def _reference(model, batch):
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def _summed_grads(model, cp_mesh):
-    grads = {}
-    for name, param in model.named_parameters():
-        grad = param.grad.clone()
-        torch.distributed.all_reduce(grad, group=_process_group(cp_mesh))
-        grads[name] = grad
-    return grads
-
-
 def _cp_run(model, mesh, batch, mode: str, cp_mode: str = "auto"):
     cp_mesh = mesh["context_parallel"]
     attach_context_parallel_hooks(model)
@@ -57,7 +48,7 @@ def _cp_run(model, mesh, batch, mode: str, cp_mode: str = "auto"):
         else:
             loss = token_correct_loss(model(**local).logits, labels, cp_mesh)
         loss.backward()
-    return reduce_loss(loss, cp_mesh), _summed_grads(model, cp_mesh), local["position_ids"].shape[-1]
+    return reduce_loss(loss, cp_mesh), summed_gradients(model, _process_group(cp_mesh)), local["position_ids"].shape[-1]
 
 
 def _parity(

@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+from distributed_harness import summed_gradients
 from models import lm_batch, tiny_causal_lm
 
 from lightning_cp.chunked_loss import DEFAULT_CHUNK_TOKENS, apply_chunked_loss
@@ -88,8 +89,14 @@ def test_a_model_that_changes_its_logits_before_the_loss_is_refused():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     config = Gemma2Config(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, final_logit_softcapping=30.0,
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        final_logit_softcapping=30.0,
     )
     with pytest.raises(ValueError, match="changes the logits before the loss"):
         apply_chunked_loss(Gemma2ForCausalLM(config))
@@ -169,11 +176,7 @@ def _functional_cp_parity(rank: int, world_size: int, tied: bool) -> dict:
         count = lcp.count_label_tokens(labels, cp_mesh)
         loss = cp_model(**local, labels=labels, shift_labels=labels, num_items_in_batch=count).loss
         loss.backward()
-    grads = {}
-    for name, param in cp_model.named_parameters():
-        grad = param.grad.clone()
-        torch.distributed.all_reduce(grad, group=cp_mesh.get_group())
-        grads[name] = grad
+    grads = summed_gradients(cp_model, cp_mesh.get_group())
     return {
         "loss": lcp.reduce_loss(loss, cp_mesh),
         "reference": reference.detach(),

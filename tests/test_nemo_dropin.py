@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import torch
-from distributed_harness import run_on_ranks
+from distributed_harness import run_on_ranks, summed_gradients
 from models import lm_batch, tiny_causal_lm
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -46,10 +46,9 @@ SEQ_LEN, PADDED = 64, 5  # point 1: the last 5 positions of each row are right p
 
 def _grads(model: torch.nn.Module, group: torch.distributed.ProcessGroup | None = None) -> dict:
     """Parameter gradients, summed over ``group`` when given (each CP rank holds its share)."""
-    grads = {name: param.grad.clone() for name, param in model.named_parameters()}
-    for grad in grads.values() if group is not None else ():
-        torch.distributed.all_reduce(grad, group=group)
-    return grads
+    if group is not None:
+        return summed_gradients(model, group)
+    return {name: param.grad.clone() for name, param in model.named_parameters()}
 
 
 def _reference(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:

@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from distributed_harness import run_on_ranks
+from distributed_harness import run_on_ranks, summed_gradients
 from models import tiny_causal_lm
 
 from lightning_cp import ContextParallelBatchError, make_cp_batch_and_ctx, reduce_loss, token_correct_loss
@@ -64,11 +64,8 @@ def _unpacked(model, batch):
 
 
 def _averaged(model, group) -> dict:
-    grads = _grads(model)
-    for grad in grads.values():
-        torch.distributed.all_reduce(grad, group=group)
-        grad /= torch.distributed.get_world_size(group)
-    return grads
+    size = torch.distributed.get_world_size(group)
+    return {name: grad / size for name, grad in summed_gradients(model, group).items()}
 
 
 def _session_run(model, mesh, data_context, batch, load_balance):
@@ -91,10 +88,7 @@ def _functional_run(model, mesh, batch, load_balance):
     with train_ctx():
         loss = token_correct_loss(model(**local).logits, labels, cp_mesh)
         loss.backward()
-    grads = _grads(model)
-    for grad in grads.values():
-        torch.distributed.all_reduce(grad, group=cp_mesh.get_group())
-    return reduce_loss(loss, cp_mesh), grads
+    return reduce_loss(loss, cp_mesh), summed_gradients(model, cp_mesh.get_group())
 
 
 def _gathered_logits(model, mesh, data_context, batch):

@@ -49,3 +49,19 @@ def test_a_case_that_leaves_the_ranks_out_of_step_is_followed_by_a_fresh_group()
         run_on_ranks(_fail_out_of_step)
     assert set(run_on_ranks(_pid)).isdisjoint(before)
     assert run_on_ranks(_sum_of_ranks) == [3.0, 3.0]
+
+
+def _create_a_group(rank: int, world_size: int) -> int:
+    dist.new_group(list(range(world_size)))  # as a case's device mesh does
+    return len(dist.distributed_c10d._world.pg_map)
+
+
+def _groups_held(rank: int, world_size: int) -> int:
+    return len(dist.distributed_c10d._world.pg_map)
+
+
+def test_the_process_groups_a_case_creates_are_destroyed_after_it():
+    """Each idle gloo group wakes its thread every 10 ms: the groups of hundreds of cases would slow the rest."""
+    held = run_on_ranks(_groups_held)
+    assert run_on_ranks(_create_a_group) == [held[0] + 1] * 2
+    assert run_on_ranks(_groups_held) == held

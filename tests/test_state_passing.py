@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from distributed_harness import run_on_ranks
+from distributed_harness import new_process_groups_destroyed, run_on_ranks
 from test_mixers import RTOL_GRAD, RTOL_LOSS, _case
 
 from lightning_cp.mixers import state_passing
@@ -63,7 +63,8 @@ def _cases(rank: int, world_size: int, cases: list[tuple]) -> dict:
         if control:
             setattr(state_passing, control[0], control[1])
         try:
-            results[case] = _case(rank, world_size, *case[:-1], "none" if control else case[-1])
+            with new_process_groups_destroyed():
+                results[case] = _case(rank, world_size, *case[:-1], "none" if control else case[-1])
         finally:
             if control:
                 setattr(state_passing, control[0], saved)

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from distributed_harness import run_on_ranks
+from distributed_harness import new_process_groups_destroyed, run_on_ranks, summed_gradients
 from model_zoo import zoo_model
-from models import lm_batch
+from models import lm_batch, uncompiled_flex
 from test_packed_training import _unpacked, packed_batch
 
 from lightning_cp import session as session_module
@@ -29,12 +29,8 @@ from lightning_cp.validation import ContextParallelInputError
 
 def _averaged_grads(model, group) -> dict[str, torch.Tensor]:
     """Gradients averaged over the data × context ranks, as the strategies reduce them."""
-    grads = {}
-    for name, param in model.named_parameters():
-        grad = param.grad.clone() if param.grad is not None else torch.zeros_like(param)
-        torch.distributed.all_reduce(grad, group=group)
-        grads[name] = grad / torch.distributed.get_world_size(group)
-    return grads
+    size = torch.distributed.get_world_size(group)
+    return {name: grad / size for name, grad in summed_gradients(model, group).items()}
 
 
 def _reference_loss(model, batch: dict, packed: bool) -> torch.Tensor:
@@ -166,7 +162,8 @@ def _run_cases(rank: int, world_size: int, cases: list[Case]) -> dict[str, dict]
     results = {}
     for case in cases:
         try:
-            results[case.id] = _session_parity(rank, world_size, case)
+            with new_process_groups_destroyed(), uncompiled_flex():
+                results[case.id] = _session_parity(rank, world_size, case)
         except ContextParallelInputError as error:
             results[case.id] = {"mechanism": "refused", "error": str(error)}
     return results
@@ -396,11 +393,7 @@ def _functional_zoo_parities(rank: int, world_size: int, runs: tuple[tuple[str, 
             loss.backward()
         total = loss.detach().clone()
         torch.distributed.all_reduce(total)
-        grads = {}
-        for param_name, param in model.named_parameters():
-            grad = param.grad.clone() if param.grad is not None else torch.zeros_like(param)
-            torch.distributed.all_reduce(grad)
-            grads[param_name] = grad
+        grads = summed_gradients(model)
         results[f"{name}-{cp_mode}"] = {
             "mechanism": "ulysses" if cp_mode == "auto" else cp_mode,
             "loss": total,

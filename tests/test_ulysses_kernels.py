@@ -10,15 +10,14 @@ the kernel itself: their CPU training cases are in tests/test_ulysses.py).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import pytest
 import torch
-from distributed_harness import run_on_ranks
+from distributed_harness import new_process_groups_destroyed, run_on_ranks
 from model_zoo import zoo_model
-from models import lm_batch
+from models import lm_batch, uncompiled_flex
 from test_packed_training import packed_batch
 from test_ulysses import ZOO_OVERRIDES, _averaged_grads, _patched
 
@@ -66,43 +65,28 @@ def _bypassed(what: str | None) -> AbstractContextManager[None]:
     return _patched(ulysses, "_flex_block_mask", replacement)
 
 
-@contextmanager
-def _uncompiled_flex_attention() -> Iterator[None]:
-    """transformers' flex_attention without ``torch.compile``: the same mask and score functions on the
-    unfused path. On CPU, compiling takes about 30 s for the first kernel and 7 s for each further model and
-    length (and Inductor's CPU kernel fails to compile once a second length makes it dynamic: torch 2.13,
-    "'cur_qSplitSize1' was not declared", with or without CP); the compiled kernel is checked on CUDA below."""
-    from torch.nn.attention.flex_attention import flex_attention
-    from transformers.integrations import flex_attention as hf_flex
-
-    compiled = hf_flex.compile_friendly_flex_attention
-    hf_flex.compile_friendly_flex_attention = lambda query, key, value, training=False, **kwargs: flex_attention(
-        query, key, value, **kwargs
-    )
-    try:
-        yield
-    finally:
-        hf_flex.compile_friendly_flex_attention = compiled
-
-
 def _forward_parity(rank: int, world_size: int, case: Case, attn: str) -> dict:
     mesh, data_context = build_device_mesh(ParallelLayout(1, world_size, 1), torch.device("cpu"))
     model = zoo_model(case.model, attn_implementation=attn, **ZOO_OVERRIDES.get(case.model, {}))
     batch = packed_batch() if case.packed else lm_batch(seq_len=130)
     batch.pop("labels")
     # Packed rows: transformers' own document mask, built from the restarting position ids, in the reference.
-    with torch.no_grad(), _uncompiled_flex_attention():
+    with torch.no_grad(), uncompiled_flex():
         reference = copy.deepcopy(model)(**batch, use_cache=False).logits
         session = ContextParallelSession(mesh, data_context)
         session.prepare_model(model)
         local = dict(batch)
-        with _uncompiled_flex_attention(), _bypassed(case.bypass), session.step(local, require_labels=False):
+        with uncompiled_flex(), _bypassed(case.bypass), session.step(local, require_labels=False):
             logits = session.gather_outputs(model(**local, use_cache=False))["logits"]
     return {"mechanism": session.mechanism.name, "logits": logits, "reference": reference}
 
 
 def _forward_parities(rank: int, world_size: int, cases: list[Case], attn: str) -> dict[str, dict]:
-    return {case.id: _forward_parity(rank, world_size, case, attn) for case in cases}
+    results = {}
+    for case in cases:
+        with new_process_groups_destroyed():
+            results[case.id] = _forward_parity(rank, world_size, case, attn)
+    return results
 
 
 #: A window shorter than the sequence (Mistral: 16 < 130) on whole and packed rows, and negative controls.
