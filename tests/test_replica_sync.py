@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from common import INIT_SEED_PER_RANK, reference_sgd_run, run_script
-from distributed_harness import run_on_local_ranks
+from distributed_harness import run_on_ranks
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -21,9 +21,7 @@ from lightning_cp.strategies.replicas import broadcast_replicated_state
 
 def _run(tmp_path: Path, script: str, *args: str) -> tuple[dict, dict]:
     out = tmp_path / "result.pt"
-    # the negative control replaces a method of the strategy for good: in processes of its own
-    fresh = "--skip-replica-sync" in args
-    result = run_script(script, "--out", str(out), "--lr", "1.0", "--seed-per-rank", *args, fresh=fresh)
+    result = run_script(script, "--out", str(out), "--lr", "1.0", "--seed-per-rank", *args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return torch.load(out, weights_only=False), torch.load(f"{out}.rank1", weights_only=False)
 
@@ -41,7 +39,6 @@ def test_models_built_from_different_seeds_train_rank_zeros_model(tmp_path, scri
     assert_same_training(run, reference)
 
 
-@pytest.mark.slow  # a fresh launch
 def test_without_the_broadcast_the_ranks_train_different_models(tmp_path):
     """Negative control: bypassing the setup broadcast leaves each rank with its own model."""
     run, rank1_weights = _run(tmp_path, "trainer_llama.py", "--skip-replica-sync")
@@ -70,7 +67,7 @@ def _sync_each_layout(rank: int, world_size: int) -> dict[str, torch.Tensor]:
 
 
 def test_broadcast_copies_replicas_and_leaves_shards():
-    first, second = run_on_local_ranks(_sync_each_layout, world_size=2)
+    first, second = run_on_ranks(_sync_each_layout)
     for name in ("weight", "replicated", "counter"):
         assert torch.equal(first[name], second[name]), name
         assert (first[name] == 1).all(), f"{name} must take rank 0's value"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from distributed_harness import run_on_local_ranks
+from distributed_harness import run_on_ranks
 from models import lm_batch
 
 from lightning_cp.mesh import ParallelLayout, build_device_mesh
@@ -24,5 +24,5 @@ def _shard_and_call_a_model_without_kwargs(rank: int, world_size: int) -> list[s
 
 
 def test_the_sharded_batch_gains_no_key_a_custom_forward_would_refuse():
-    for keys in run_on_local_ranks(_shard_and_call_a_model_without_kwargs, world_size=2):
+    for keys in run_on_ranks(_shard_and_call_a_model_without_kwargs):
         assert keys == ["input_ids", "labels", "position_ids"]

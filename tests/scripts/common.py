@@ -117,15 +117,15 @@ def model_overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def model_seed(args: argparse.Namespace) -> int:
-    """The model's seed: 0, or one per rank (as unseeded processes get) with ``--seed-per-rank``.
-
-    Also applies ``--skip-replica-sync``, which must take effect before the strategy's setup.
-    """
-    if args.skip_replica_sync:
-        from lightning_cp.strategies.shared import ContextParallelMixin
-
-        ContextParallelMixin._synchronize_replicas = lambda self, module: None  # type: ignore[method-assign]
+    """The model's seed: 0, or one per rank (as unseeded processes get) with ``--seed-per-rank``."""
     return INIT_SEED_PER_RANK + rank_of_this_process() if args.seed_per_rank else 0
+
+
+def skip_replica_sync_if_asked(strategy: object, args: argparse.Namespace) -> None:
+    """``--skip-replica-sync`` (negative control): this strategy, and no other in the process, skips the broadcast
+    of rank 0's weights at setup."""
+    if args.skip_replica_sync:
+        strategy._synchronize_replicas = lambda module: None  # type: ignore[attr-defined]
 
 
 def rank_of_this_process() -> int:

@@ -18,6 +18,7 @@ from common import (
     rank_of_this_process,
     replica_sync_options,
     save_rank_weights,
+    skip_replica_sync_if_asked,
     training_samples,
     zoo_model,
 )
@@ -79,6 +80,7 @@ def main() -> None:
         chunked_loss=args.chunked_loss or False,
         activation_checkpointing=args.activation_checkpointing,
     )
+    skip_replica_sync_if_asked(strategy, args)
     fabric = L.Fabric(accelerator="cpu", devices=2 * args.tp, strategy=strategy)
     fabric.launch()
     # parameters become DTensors under FSDP2: the optimizer comes after

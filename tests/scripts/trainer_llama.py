@@ -20,6 +20,7 @@ from common import (
     rank_of_this_process,
     replica_sync_options,
     save_rank_weights,
+    skip_replica_sync_if_asked,
     training_samples,
     zoo_model,
 )
@@ -188,27 +189,29 @@ def main() -> None:
     module = LlamaModule(args)
     if args.no_attention:  # a model whose attention the hooks cannot find
         module.model.model.layers = torch.nn.ModuleList()
+    strategy = ContextParallelStrategy(
+        cp_size=args.cp,
+        cp_mode=args.cp_mode,
+        mixer_mode=args.mixer_mode,
+        ulysses_size=args.ulysses_size,
+        data_parallel_size=args.dp,
+        tensor_parallel_size=args.tp,
+        data_parallel_replicate_size=args.replicate,
+        chunked_loss=args.chunked_loss or False,
+        activation_checkpointing=args.activation_checkpointing,
+        offload_activations=args.offload_activations,
+        save_distributed_checkpoint=not args.consolidated,
+        timeout=timedelta(seconds=args.timeout),
+        heartbeat_timeout=timedelta(seconds=args.heartbeat_timeout) if args.heartbeat_timeout else None,
+        deterministic=args.deterministic,
+    )
+    skip_replica_sync_if_asked(strategy, args)
     trainer = L.Trainer(
         accelerator=args.accelerator,
         devices=args.devices,
         num_nodes=args.num_nodes,
         precision=args.precision,
-        strategy=ContextParallelStrategy(
-            cp_size=args.cp,
-            cp_mode=args.cp_mode,
-            mixer_mode=args.mixer_mode,
-            ulysses_size=args.ulysses_size,
-            data_parallel_size=args.dp,
-            tensor_parallel_size=args.tp,
-            data_parallel_replicate_size=args.replicate,
-            chunked_loss=args.chunked_loss or False,
-            activation_checkpointing=args.activation_checkpointing,
-            offload_activations=args.offload_activations,
-            save_distributed_checkpoint=not args.consolidated,
-            timeout=timedelta(seconds=args.timeout),
-            heartbeat_timeout=timedelta(seconds=args.heartbeat_timeout) if args.heartbeat_timeout else None,
-            deterministic=args.deterministic,
-        ),
+        strategy=strategy,
         callbacks=([] if args.no_callback else [ContextParallelCallback()]) + _checkpointing(args),
         max_steps=-1 if args.epochs else args.steps,
         max_epochs=args.epochs or None,
