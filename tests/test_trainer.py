@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import lightning as L
 import pytest
 import torch
 from common import BATCH_SIZE, hf_style_samples, reference_sgd_run, run_script, script_command, tiny_causal_lm
+from distributed_harness import run_on_ranks
 
 from lightning_cp import ContextParallelStrategy
 from lightning_cp.callbacks import ContextParallelCallback
@@ -42,6 +44,18 @@ def _check_training(run: dict, accumulate: int, cp_mode: str, assert_same_traini
     assert "sequence 130 tokens (padded to 132) -> 66 per rank" in run["log"]
     mechanism = "Ulysses over 2 ranks: auto" if cp_mode == "auto" else "ring over 2 ranks: cp_mode='ring'"
     assert f"attention by {mechanism}" in run["log"]
+
+
+def _lightning_modules_alive(rank: int, world_size: int) -> list[str]:
+    gc.collect()
+    return [type(obj).__name__ for obj in gc.get_objects() if isinstance(obj, L.LightningModule)]
+
+
+def test_a_finished_fit_leaves_nothing_holding_the_model(tmp_path):
+    """After ``fit``, nothing of lightning_cp keeps the strategy, and through it the model and data, alive: a process
+    that goes on (a notebook, the next fit) holds no memory of it, and no stale model of it is hooked."""
+    _train(tmp_path, "--steps", "1")
+    assert run_on_ranks(_lightning_modules_alive) == [[], []]
 
 
 @pytest.mark.slow  # a fresh launch

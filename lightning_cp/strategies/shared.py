@@ -167,6 +167,8 @@ class ContextParallelMixin:
         super().teardown()  # type: ignore[misc]
 
     def _stop_watchdog(self) -> None:
+        # the exit handler holds this strategy, and through it the model and data: released once stopped
+        atexit.unregister(self._stop_watchdog)
         if self._watchdog is not None:
             watchdog, self._watchdog = self._watchdog, None
             watchdog.stop()
