@@ -27,8 +27,6 @@ from lightning_cp.attention.cpu_ring import install_cpu_ring
 
 install_cpu_ring()
 
-# Importing the Fabric strategy registers `strategy="context_parallel"` with Fabric too.
-import lightning_cp.strategies.fabric  # noqa: E402, F401
 from lightning_cp.chunked_loss import apply_chunked_loss, chunked_logits  # noqa: E402
 from lightning_cp.functional import (  # noqa: E402
     create_context_parallel_ctx,
@@ -40,10 +38,23 @@ from lightning_cp.functional import (  # noqa: E402
 from lightning_cp.hooks import attach_context_parallel_hooks, attach_cp_sdpa_hooks  # noqa: E402
 from lightning_cp.loss import count_label_tokens, reduce_loss, token_correct_loss, token_loss_sum  # noqa: E402
 from lightning_cp.memory import apply_activation_checkpointing, apply_memory_options, offload_activations  # noqa: E402
+from lightning_cp.registration import register_strategies_with_lightning  # noqa: E402
 from lightning_cp.sharding.batch import ContextParallelBatchError  # noqa: E402
 from lightning_cp.sharding.te_batch import make_cp_batch_for_te  # noqa: E402
 from lightning_cp.strategies.replicas import broadcast_replicated_state  # noqa: E402
-from lightning_cp.strategies.trainer import ContextParallelStrategy  # noqa: E402
+
+# Lightning is imported on demand (Note [Lightning imported on demand] in lightning_cp.registration).
+register_strategies_with_lightning()
+
+
+def __getattr__(name: str) -> object:
+    """``ContextParallelStrategy``, imported (with Lightning) when first asked for."""
+    if name == "ContextParallelStrategy":
+        from lightning_cp.strategies.trainer import ContextParallelStrategy
+
+        return ContextParallelStrategy
+    raise AttributeError(f"module 'lightning_cp' has no attribute {name!r}")
+
 
 __all__ = [
     "apply_activation_checkpointing",

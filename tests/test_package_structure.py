@@ -7,6 +7,8 @@ under ``if TYPE_CHECKING:`` do not run and are not counted.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lightning_cp"
@@ -160,3 +162,26 @@ def test_the_checks_catch_what_they_look_for():
     ]
     hidden = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import lightning\n")
     assert _imports(hidden) == [("typing", ["TYPE_CHECKING"])]
+
+
+_IMPORTED_FIRST_THEN_LIGHTNING = """
+import sys
+import lightning_cp
+print("lightning imported by lightning_cp:", "lightning" in sys.modules)
+import lightning
+from lightning.fabric.strategies import STRATEGY_REGISTRY
+from lightning.pytorch.strategies import StrategyRegistry
+print("registered:", "context_parallel" in STRATEGY_REGISTRY, "context_parallel" in StrategyRegistry)
+print("strategy:", lightning_cp.ContextParallelStrategy.__name__)
+"""
+
+
+def test_lightning_is_imported_on_demand_and_the_strategy_names_still_registered():
+    """``import lightning_cp`` leaves Lightning out (its ranks of the functional API and the doctor start about 5 s
+    sooner), and a script that imports Lightning afterwards still finds ``strategy="context_parallel"``."""
+    command = [sys.executable, "-c", _IMPORTED_FIRST_THEN_LIGHTNING]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=PACKAGE.parent, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "lightning imported by lightning_cp: False" in result.stdout, result.stdout
+    assert "registered: True True" in result.stdout, result.stdout
+    assert "strategy: ContextParallelStrategy" in result.stdout
