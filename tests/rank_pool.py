@@ -23,7 +23,6 @@ from __future__ import annotations
 import atexit
 import gc
 import hashlib
-import itertools
 import os
 import queue
 import runpy
@@ -69,7 +68,7 @@ def _serve(rank: int, world_size: int, port: int, threads: int, tasks: Any, resu
         except BaseException:  # noqa: BLE001 - reported to the test, which raises it
             outcome = False, traceback.format_exc()
         gc.collect()
-        results.put((rank, *outcome, _collectives_run()))
+        results.put((rank, *outcome, _step()))
     dist.destroy_process_group()
     # skip interpreter teardown, where gloo's threads now and then abort a finished process (lightning_cp.launch)
     sys.stdout.flush()
@@ -77,13 +76,15 @@ def _serve(rank: int, world_size: int, port: int, threads: int, tasks: Any, resu
     os._exit(0)
 
 
-_groups_named = itertools.count()
+#: The subgroups this rank named by their ranks (the same count on every rank: the ranks run the same cases).
+_groups_named = 0
 
 
 def _group_name_never_reused(ranks: list[int]) -> str:
-    """A subgroup's name from its ranks and how many subgroups this rank named before (the same on every rank:
-    the ranks run the same cases)."""
-    return hashlib.sha1(f"{'_'.join(map(str, ranks))}_{next(_groups_named)}".encode()).hexdigest()
+    """A subgroup's name from its ranks and how many subgroups this rank named before."""
+    global _groups_named
+    _groups_named += 1
+    return hashlib.sha1(f"{'_'.join(map(str, ranks))}_{_groups_named}".encode()).hexdigest()
 
 
 @contextmanager
@@ -99,10 +100,13 @@ def new_process_groups_destroyed() -> Iterator[None]:
                 dist.destroy_process_group(group)
 
 
-def _collectives_run() -> int:
-    """How many collectives this rank ran on the default group (the one group cases share): ranks that differ
-    are out of step, and the next case's collectives would pair up wrongly."""
-    return dist.distributed_c10d._get_default_group()._get_sequence_number_for_group()
+def _step() -> tuple[int, int, int]:
+    """Where this rank stands: the collectives it ran on the default group (the one group cases share), and the
+    subgroups it named (sequentially, and by ranks). Ranks that differ are out of step: the next case's collectives
+    would pair up wrongly, or its new groups take different names on different ranks (and wait, or meet a
+    destroyed group's address in the store)."""
+    world = dist.distributed_c10d._world
+    return world.default_pg._get_sequence_number_for_group(), world.group_count, _groups_named
 
 
 class RankGroup:
@@ -113,8 +117,8 @@ class RankGroup:
         self.world_size = world_size
         self._tasks = [context.SimpleQueue() for _ in range(world_size)]
         self._results = context.Queue()
-        #: Whether every rank ran as many collectives on the default group: a case that failed on some ranks
-        #: may leave them out of step, and the next case's collectives would then pair up wrongly.
+        #: Whether every rank ran as many collectives on the default group and named as many subgroups: a case that
+        #: failed on some ranks may leave them out of step (see ``_step``).
         self.in_step = True
         port = free_port()
         self._processes = [
@@ -141,7 +145,7 @@ class RankGroup:
         for tasks in self._tasks:
             tasks.put((fn, args))
         outcomes: dict[int, tuple[bool, Any]] = {}
-        collectives: dict[int, int] = {}
+        steps: dict[int, tuple[int, int, int]] = {}
         deadline = time.monotonic() + timeout
         while len(outcomes) < self.world_size:
             now = time.monotonic()
@@ -151,7 +155,7 @@ class RankGroup:
                     break  # some ranks failed, the others are stuck in a collective: report the failures
                 raise TimeoutError(f"{_case(fn)} did not finish on {self.world_size} ranks within {timeout:.0f} s")
             try:
-                rank, ok, payload, collectives[rank] = self._results.get(timeout=min(1.0, deadline - now))
+                rank, ok, payload, steps[rank] = self._results.get(timeout=min(1.0, deadline - now))
             except queue.Empty:
                 if not self.alive():
                     self.close(kill=True)
@@ -160,7 +164,7 @@ class RankGroup:
             outcomes[rank] = (ok, payload)
             if not ok:
                 deadline = min(deadline, time.monotonic() + _GRACE_S)
-        self.in_step = len(set(collectives.values())) == 1
+        self.in_step = len(set(steps.values())) == 1
         failures = {rank: payload for rank, (ok, payload) in outcomes.items() if not ok}
         if failures:
             if len(outcomes) < self.world_size:
