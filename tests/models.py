@@ -112,11 +112,12 @@ def uncompiled_flex() -> Iterator[None]:
     from transformers import masking_utils
     from transformers.integrations import flex_attention as hf_flex
 
+    compiled_attention = hf_flex.compile_friendly_flex_attention
+    create_block_mask = torch_flex.create_block_mask
+
     def uncompiled_block_mask(*args, **kwargs):
         return create_block_mask(*args, **{**kwargs, "_compile": False})
 
-    compiled_attention = hf_flex.compile_friendly_flex_attention
-    create_block_mask = torch_flex.create_block_mask
     hf_flex.compile_friendly_flex_attention = lambda query, key, value, training=False, **kwargs: (
         torch_flex.flex_attention(query, key, value, **kwargs)
     )

@@ -76,7 +76,7 @@ def _forward_parity(rank: int, world_size: int, case: Case, attn: str) -> dict:
         session = ContextParallelSession(mesh, data_context)
         session.prepare_model(model)
         local = dict(batch)
-        with uncompiled_flex(), _bypassed(case.bypass), session.step(local, require_labels=False):
+        with _bypassed(case.bypass), session.step(local, require_labels=False):
             logits = session.gather_outputs(model(**local, use_cache=False))["logits"]
     return {"mechanism": session.mechanism.name, "logits": logits, "reference": reference}
 
