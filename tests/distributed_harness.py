@@ -16,7 +16,14 @@ from rank_pool import new_process_groups_destroyed, run_in_pool
 
 from lightning_cp.launch import free_port, run_on_local_ranks
 
-__all__ = ["free_port", "new_process_groups_destroyed", "run_on_local_ranks", "run_on_ranks", "summed_gradients"]
+__all__ = [
+    "averaged_gradients",
+    "free_port",
+    "new_process_groups_destroyed",
+    "run_on_local_ranks",
+    "run_on_ranks",
+    "summed_gradients",
+]
 
 
 def run_on_ranks(fn: Callable[..., Any], *args: Any, world_size: int = 2, timeout: float = 300) -> list[Any]:
@@ -35,3 +42,10 @@ def summed_gradients(model: torch.nn.Module, group: dist.ProcessGroup | None = N
     dist.all_reduce(flat, group=group)
     parts = flat.split([p.numel() for _, p in named])
     return {name: part.view_as(p) for (name, p), part in zip(named, parts, strict=True)}
+
+
+def averaged_gradients(model: torch.nn.Module, group: dist.ProcessGroup) -> dict[str, torch.Tensor]:
+    """Each parameter's gradient averaged over ``group``'s ranks (the data × context ranks, as the strategies
+    reduce them), by name."""
+    size = dist.get_world_size(group)
+    return {name: grad / size for name, grad in summed_gradients(model, group).items()}

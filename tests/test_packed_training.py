@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from distributed_harness import run_on_ranks, summed_gradients
+from distributed_harness import averaged_gradients, run_on_ranks, summed_gradients
 from models import tiny_causal_lm
 
 from lightning_cp import ContextParallelBatchError, make_cp_batch_and_ctx, reduce_loss, token_correct_loss
@@ -63,11 +63,6 @@ def _unpacked(model, batch):
     return loss.detach(), _grads(model)
 
 
-def _averaged(model, group) -> dict:
-    size = torch.distributed.get_world_size(group)
-    return {name: grad / size for name, grad in summed_gradients(model, group).items()}
-
-
 def _session_run(model, mesh, data_context, batch, load_balance):
     session = ContextParallelSession(mesh, data_context, load_balance=load_balance)
     session.prepare_model(model)
@@ -76,7 +71,7 @@ def _session_run(model, mesh, data_context, batch, load_balance):
         loss = model(**local).loss  # the HF loss, made token-correct by the session
         loss.backward()
     # the session's loss gradient is |dp x cp| x this rank's share: averaging gives the full gradient
-    return loss.detach(), _averaged(model, data_context.get_group())
+    return loss.detach(), averaged_gradients(model, data_context.get_group())
 
 
 def _functional_run(model, mesh, batch, load_balance):

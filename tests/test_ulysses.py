@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from distributed_harness import new_process_groups_destroyed, run_on_ranks, summed_gradients
+from distributed_harness import averaged_gradients, new_process_groups_destroyed, run_on_ranks, summed_gradients
 from model_zoo import zoo_model
 from models import lm_batch, uncompiled_flex
 from test_packed_training import _unpacked, packed_batch
@@ -25,12 +25,6 @@ from lightning_cp.session import ContextParallelSession
 from lightning_cp.sharding.sequence import gather_sequence, shard_sequence
 from lightning_cp.sharding.ulysses import gathered_order, held_positions, padding_spans
 from lightning_cp.validation import ContextParallelInputError
-
-
-def _averaged_grads(model, group) -> dict[str, torch.Tensor]:
-    """Gradients averaged over the data × context ranks, as the strategies reduce them."""
-    size = torch.distributed.get_world_size(group)
-    return {name: grad / size for name, grad in summed_gradients(model, group).items()}
 
 
 def _reference_loss(model, batch: dict, packed: bool) -> torch.Tensor:
@@ -147,7 +141,7 @@ def _session_parity(rank: int, world_size: int, case: Case) -> dict:
     with _bypassed(case.bypass), session.step(local):
         loss = model(**local).loss
         loss.backward()
-    grads = _averaged_grads(model, data_context.get_group())
+    grads = averaged_gradients(model, data_context.get_group())
     return {
         "mechanism": session.mechanism.name,
         "loss": loss.detach(),

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from distributed_harness import new_process_groups_destroyed, run_on_ranks
+from distributed_harness import averaged_gradients, new_process_groups_destroyed, run_on_ranks
 from model_zoo import zoo_model
 from models import lm_batch, uncompiled_flex
 from test_packed_training import packed_batch
-from test_ulysses import ZOO_OVERRIDES, _averaged_grads, _patched
+from test_ulysses import ZOO_OVERRIDES, _patched
 
 from lightning_cp.attention import ulysses
 from lightning_cp.mesh import ParallelLayout, build_device_mesh
@@ -133,7 +133,7 @@ def _training_parity(rank: int, world_size: int, name: str, attn: str, packed: b
         "mechanism": session.mechanism.name,
         "loss": loss.detach(),
         "ref_loss": ref_loss.detach(),
-        "grads": _averaged_grads(model, data_context.get_group()),
+        "grads": averaged_gradients(model, data_context.get_group()),
         "ref_grads": {parameter_name: p.grad for parameter_name, p in reference.named_parameters()},
     }
 
